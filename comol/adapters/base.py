@@ -1,0 +1,233 @@
+"""Adapter building blocks shared by every method: config base classes, the registry,
+the Linear wrapper, and the token mask / auxiliary-loss plumbing used by routed adapters.
+
+Naming rule: every tensor an adapter adds lives in a module attribute whose name starts
+with ``adapter_`` (``ADAPTER_PREFIX``).  Freezing, saving and loading are driven by that rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from comol.errors import ConfigError, config_check
+
+ADAPTER_PREFIX = "adapter_"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+
+_REGISTRY: dict[str, type["AdapterConfig"]] = {}
+
+
+def register_adapter(name: str):
+    """Class decorator: make an ``AdapterConfig`` subclass available as ``adapter.name=<name>``."""
+
+    def wrap(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise RuntimeError(f"adapter name {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def registered_adapters() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def adapter_config_class(name: str) -> type["AdapterConfig"]:
+    if name not in _REGISTRY:
+        raise ConfigError(f"adapter.name={name!r} is not a known adapter; known: {', '.join(registered_adapters())}")
+    return _REGISTRY[name]
+
+
+def build_adapter_config(values: Mapping[str, Any]) -> "AdapterConfig":
+    """Turn the ``adapter`` config node (a mapping with ``name``) into a validated config object."""
+    values = dict(values)
+    if "name" not in values:
+        raise ConfigError("adapter.name is missing: expected one of " + ", ".join(registered_adapters()))
+    cls = adapter_config_class(values.pop("name"))
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"adapter.{unknown[0]} is not a field of adapter {cls.name!r}; known fields: {', '.join(sorted(known))}"
+        )
+    return cls(**values)
+
+
+def is_adapter_name(param_name: str) -> bool:
+    """True when a parameter/buffer name belongs to an adapter (some component starts with ``adapter_``)."""
+    return any(part.startswith(ADAPTER_PREFIX) for part in param_name.split("."))
+
+
+@dataclass
+class AdapterConfig:
+    """Fields common to every adapter. Subclasses add their hyperparameters (with ``help`` metadata)."""
+
+    name: ClassVar[str] = ""
+    #: True for adapters whose update is a function of the token (cannot be merged into W).
+    token_routed: ClassVar[bool] = False
+
+    target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        metadata={"help": "names (last path component) of the nn.Linear modules to adapt"},
+    )
+    aux_loss_coeff: float = field(
+        default=0.0, metadata={"help": "weight of the summed auxiliary routing loss (0 disables it)"}
+    )
+
+    def __post_init__(self) -> None:
+        self.target_modules = list(self.target_modules)
+        config_check(
+            len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
+            "adapter.target_modules", self.target_modules, "a non-empty list of module names",
+        )
+        config_check(self.aux_loss_coeff >= 0, "adapter.aux_loss_coeff", self.aux_loss_coeff, "a number >= 0")
+        self.validate()
+
+    def validate(self) -> None:
+        """Subclass hook: raise ConfigError for invalid hyperparameters."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+    # -- injection -----------------------------------------------------------------
+    def make_layer(self, base: nn.Linear, module_name: str) -> nn.Module:
+        """Return the module that replaces the frozen Linear ``base`` (Linear-level adapters)."""
+        raise NotImplementedError(f"adapter {self.name!r} does not define make_layer")
+
+    def inject(self, model: nn.Module) -> list[str]:
+        """Replace every targeted Linear of ``model`` in place; return the adapted module names.
+
+        Adapters that act at block level or share tensors across layers override this.
+        """
+        names = matching_linears(model, self.target_modules)
+        for module_name in names:
+            parent, attr = _parent_of(model, module_name)
+            setattr(parent, attr, self.make_layer(getattr(parent, attr), module_name))
+        return names
+
+
+@dataclass
+class LowRankConfig(AdapterConfig):
+    """Adapters with a LoRA-style rank, alpha/r scaling and input dropout."""
+
+    r: int = field(default=16, metadata={"help": "rank of the low-rank update (per expert where relevant)"})
+    alpha: float | None = field(default=None, metadata={"help": "scaling numerator: s = alpha / r (default alpha = r)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter input x"})
+
+    def __post_init__(self) -> None:
+        config_check(isinstance(self.r, int) and self.r > 0, "adapter.r", self.r, "an integer > 0")
+        config_check(0.0 <= self.dropout < 1.0, "adapter.dropout", self.dropout, "a probability in [0, 1)")
+        if self.alpha is None:
+            self.alpha = float(self.r)
+        config_check(self.alpha > 0, "adapter.alpha", self.alpha, "a number > 0")
+        super().__post_init__()
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha) / self.r
+
+
+def matching_linears(model: nn.Module, targets: list[str]) -> list[str]:
+    """Names of the nn.Linear modules whose last path component is one of ``targets``."""
+    wanted = set(targets)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in wanted]
+    if not names:
+        available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"adapter.target_modules={list(targets)} matched no nn.Linear in the model; "
+            f"available Linear names: {', '.join(available)}"
+        )
+    return names
+
+
+def _parent_of(model: nn.Module, module_name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = module_name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+# --- wrapped Linear ---------------------------------------------------------------------
+
+class AdapterLinear(nn.Module):
+    """Wraps a frozen ``base_layer`` (nn.Linear) and adds ``delta(x)`` to its output.
+
+    Adapter tensors are kept in fp32 (``adapter_dtype``) whatever the base dtype; the input is
+    cast to that dtype for the adapter path (a no-op under autocast, which recasts matmuls).
+    """
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        #: set by routed adapters during training forward passes; read by ``aux_loss(model)``
+        self.aux_loss: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # some HF code reads module.weight.dtype / .device
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def factory_kwargs(self) -> dict[str, Any]:
+        return {"device": self.base_layer.weight.device, "dtype": torch.float32}
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        return out + self.delta(x.to(torch.float32) if not torch.is_autocast_enabled(x.device.type) else x).to(out.dtype)
+
+
+def kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:
+    """PyTorch's default nn.Linear weight init (kaiming_uniform with a=sqrt(5))."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+# --- token mask (exclude padding from routing statistics) ------------------------------
+
+_TOKEN_MASK: list[torch.Tensor | None] = [None]
+
+
+@contextlib.contextmanager
+def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
+    """While active, routed adapters ignore tokens where ``mask`` is 0 in their statistics."""
+    previous = _TOKEN_MASK[0]
+    _TOKEN_MASK[0] = None if mask is None else mask.bool()
+    try:
+        yield
+    finally:
+        _TOKEN_MASK[0] = previous
+
+
+def current_token_mask(x: torch.Tensor) -> torch.Tensor | None:
+    """The active mask flattened to ``x``'s tokens (``x.shape[:-1]``), or None if absent/mismatched."""
+    mask = _TOKEN_MASK[0]
+    if mask is None or tuple(mask.shape) != tuple(x.shape[:-1]):
+        return None
+    return mask.reshape(-1)
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the auxiliary losses left by adapter modules in the last forward pass (None if none)."""
+    losses = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None and m is not model]
+    if not losses:
+        return None
+    return torch.stack([l.float() for l in losses]).sum()
+
+
+def clear_aux_loss(model: nn.Module) -> None:
+    for m in model.modules():
+        if getattr(m, "aux_loss", None) is not None:
+            m.aux_loss = None

@@ -1,0 +1,148 @@
+"""Injecting an adapter into a backbone, freezing the rest, counting, saving and loading.
+
+A saved adapter is a directory (PEFT-style) holding
+  adapter_config.json        {"format", "adapter": {...fields}, "base_model": {...model config}}
+  adapter_model.safetensors  the adapter tensors only (names containing an ``adapter_`` component)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from comol.adapters.base import AdapterConfig, build_adapter_config, is_adapter_name
+from comol.errors import CheckpointError, ComolError
+from comol.io_utils import atomic_write_json, replace_dir
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT = "comol-adapter/1"
+
+
+def inject_adapter(model: nn.Module, cfg: AdapterConfig | Mapping[str, Any]) -> AdapterConfig:
+    """Inject ``cfg``'s adapter into ``model`` in place and freeze every non-adapter tensor."""
+    if not isinstance(cfg, AdapterConfig):
+        cfg = build_adapter_config(cfg)
+    cfg.inject(model)
+    set_trainable(model, True)
+    model.comol_adapter_config = cfg  # type: ignore[attr-defined]
+    return cfg
+
+
+def set_trainable(model: nn.Module, trainable: bool = True) -> None:
+    """requires_grad = True exactly for adapter parameters (when ``trainable``), False elsewhere."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable and is_adapter_name(name))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors are counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():  # .parameters() already deduplicates shared tensors
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors (parameters and persistent buffers) by name, one entry per storage."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, t in model.state_dict(keep_vars=False).items():
+        if not is_adapter_name(name):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: Mapping[str, Any] | None = None,
+                 extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the adapter of ``model`` to ``out_dir`` atomically (a complete dir or none)."""
+    cfg: AdapterConfig | None = getattr(model, "comol_adapter_config", None)
+    if cfg is None:
+        raise ComolError("save_adapter: the model carries no injected adapter (call inject_adapter first)")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        tensors = adapter_state_dict(model)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        trainable, total = count_parameters(model)
+        atomic_write_json(tmp / CONFIG_FILE, {
+            "format": FORMAT,
+            "adapter": cfg.to_dict(),
+            "base_model": dict(base_model or {}),
+            "trainable_params": trainable,
+            **dict(extra or {}),
+        })
+        return replace_dir(tmp, out_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``adapter_config.json`` of a saved adapter directory."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise CheckpointError(f"adapter directory {adapter_dir} does not exist")
+    for fname in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (adapter_dir / fname).is_file():
+            raise CheckpointError(f"{adapter_dir}: missing {fname} (a saved adapter holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        meta = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("adapter"), dict):
+        raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: no 'adapter' section")
+    return meta
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bool = False) -> AdapterConfig:
+    """Rebuild the saved adapter on a fresh ``model`` and load its tensors (exact round trip).
+
+    ``trainable=True`` leaves the adapter parameters trainable (for resuming training).
+    """
+    adapter_dir = Path(adapter_dir)
+    meta = read_adapter_config(adapter_dir)
+    try:
+        cfg = inject_adapter(model, meta["adapter"])
+    except ComolError as e:
+        raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: {e}") from None
+    try:
+        tensors = load_file(str(adapter_dir / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{adapter_dir / WEIGHTS_FILE}: unreadable ({e})") from None
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
+        raise CheckpointError(f"{adapter_dir / WEIGHTS_FILE}: {what} for adapter {cfg.name!r} on this model")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{adapter_dir / WEIGHTS_FILE}: tensor {name} has shape {tuple(t.shape)}, "
+                f"the model expects {tuple(expected[name].shape)} (different backbone or adapter size?)"
+            )
+    model.load_state_dict(tensors, strict=False)
+    set_trainable(model, trainable)
+    return cfg

@@ -1,0 +1,33 @@
+"""LoRA: h = W x + s · B A Drop(x)   (A: r x n kaiming-uniform, B: m x r zeros, s = alpha / r)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comol.adapters.base import AdapterLinear, LowRankConfig, kaiming_uniform_, register_adapter
+
+
+@register_adapter("lora")
+@dataclass
+class LoraConfig(LowRankConfig):
+    """Plain LoRA (Hu et al.); the paper's parameter-parity baseline at r=16."""
+
+    def make_layer(self, base: nn.Linear, module_name: str) -> nn.Module:
+        return LoraLinear(base, self)
+
+
+class LoraLinear(AdapterLinear):
+    def __init__(self, base_layer: nn.Linear, cfg: LowRankConfig):
+        super().__init__(base_layer)
+        kw = self.factory_kwargs()
+        self.scaling = cfg.scaling
+        self.adapter_A = nn.Parameter(kaiming_uniform_(torch.empty(cfg.r, self.in_features, **kw)))
+        self.adapter_B = nn.Parameter(torch.zeros(self.out_features, cfg.r, **kw))
+        self.adapter_dropout = nn.Dropout(cfg.dropout)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(self.adapter_dropout(x), self.adapter_A), self.adapter_B) * self.scaling

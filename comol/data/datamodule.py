@@ -1,0 +1,98 @@
+"""Tokenization (prompt template -> ids -> loss mask), left-padded collation and the datamodule."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from comol.data.loading import load_rows
+from comol.data.prompts import build_prompt
+from comol.data.toy_math import toy_math_splits
+from comol.errors import ConfigError
+
+IGNORE_INDEX = -100
+
+
+def encode_example(row: Mapping[str, Any], tokenizer, max_length: int, train_on_prompt: bool = True) -> dict:
+    """Training features for one row: ids of prompt + output + EOS, truncated to ``max_length``.
+
+    Labels equal the ids; with ``train_on_prompt=False`` the prompt positions are IGNORE_INDEX.
+    """
+    prompt = build_prompt(row)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + row["output"])["input_ids"] + [tokenizer.eos_token_id]
+    ids = ids[:max_length]
+    labels = list(ids)
+    if not train_on_prompt:
+        n = min(len(prompt_ids), len(labels))
+        labels[:n] = [IGNORE_INDEX] * n
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate_left(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad a batch: pads get attention 0 and label IGNORE_INDEX."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids, mask, labels = [], [], []
+    for f in features:
+        pad = width - len(f["input_ids"])
+        ids.append([pad_id] * pad + list(f["input_ids"]))
+        mask.append([0] * pad + [1] * len(f["input_ids"]))
+        labels.append([IGNORE_INDEX] * pad + list(f.get("labels", f["input_ids"])))
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "attention_mask": torch.tensor(mask, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }
+
+
+def dataset_splits(cfg: Mapping[str, Any]) -> dict[str, list[dict]]:
+    """Raw rows per split ('train', 'val' and, for generated data, 'test') for a dataset config node."""
+    source = cfg.get("source")
+    if source == "toy_math":
+        return toy_math_splits(cfg["train_size"], cfg["val_size"], cfg.get("test_size", 0),
+                               seed=cfg.get("data_seed", 0), max_operand=cfg.get("max_operand", 9))
+    if source == "files":
+        if not cfg.get("train"):
+            raise ConfigError("dataset.train is missing: expected a .json/.jsonl path or a hub dataset id")
+        out = {"train": load_rows(cfg["train"], split=cfg.get("split", "train"))}
+        out["val"] = load_rows(cfg["val"]) if cfg.get("val") else []
+        return out
+    raise ConfigError(f"dataset.source={source!r} is invalid: expected 'toy_math' or 'files'")
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Supervised fine-tuning data: rows -> Alpaca prompt -> tokens -> left-padded batches."""
+
+    def __init__(self, cfg: Mapping[str, Any], tokenizer, seed: int = 0, splits: dict[str, list[dict]] | None = None):
+        super().__init__()
+        self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
+        self.splits = splits
+        self.train_features: list[dict] = []
+        self.val_features: list[dict] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits = dataset_splits(self.cfg)
+        enc = lambda rows: [encode_example(r, self.tokenizer, self.cfg["max_length"], self.cfg["train_on_prompt"])  # noqa: E731
+                            for r in rows]
+        self.train_features = enc(self.splits["train"])
+        self.val_features = enc(self.splits.get("val", []))
+        if not self.train_features:
+            raise ConfigError(f"dataset={self.cfg.get('name')}: the training split is empty")
+
+    def _loader(self, feats: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(feats, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None,
+                          num_workers=self.cfg.get("num_workers", 0),
+                          collate_fn=lambda b: collate_left(b, self.tokenizer.pad_token_id))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_features, self.cfg["batch_size"], shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_features:
+            return []
+        return self._loader(self.val_features, self.cfg.get("eval_batch_size", self.cfg["batch_size"]), shuffle=False)

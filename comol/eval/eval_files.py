@@ -1,0 +1,125 @@
+"""Locate and load the evaluation files (math / commonsense JSON, HumanEval JSONL).
+
+Every loader validates the rows it returns, so a malformed file fails early with a
+one-line message naming the file, the row and the missing field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from comol.errors import DataError
+
+#: Environment variable pointing at the shared reference data (``eval/``, ``train/``).
+DATA_ENV_VAR = "COMOL_DATA_DIR"
+
+#: Fields every HumanEval problem must carry (``canonical_solution`` is optional).
+HUMANEVAL_FIELDS = ("task_id", "prompt", "entry_point", "test")
+
+MATH_SETS = ("AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP")
+COMMONSENSE_SETS = (
+    "boolq", "piqa", "social_i_qa", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa",
+)
+
+
+def shared_data_dir() -> Path:
+    """The reference data folder: ``$COMOL_DATA_DIR``, else ``<repo>/../shared/data``.
+
+    ``<repo>`` is the folder holding the ``comol`` package. The folder is returned even if it
+    does not exist; callers that need it should use :func:`require_shared_data_dir`.
+    """
+    env = os.environ.get(DATA_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    repo = Path(__file__).resolve().parents[2]
+    return repo.parent / "shared" / "data"
+
+
+def require_shared_data_dir() -> Path:
+    """Like :func:`shared_data_dir` but raise ``FileNotFoundError`` if the folder is missing."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"reference data folder {path} not found: set {DATA_ENV_VAR} to the folder holding "
+            "eval/math, eval/commonsense and eval/code (e.g. ../shared/data)"
+        )
+    return path
+
+
+def _read_rows(path: Path) -> list:
+    """Rows of a JSON-list file or a JSON-lines file (chosen by content, not by suffix)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: evaluation file not found")
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of objects")
+        return rows
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno} is not valid JSON ({e})") from None
+    return rows
+
+
+def _validate(path: Path, rows: list, required: Iterable[str]) -> list[dict]:
+    required = tuple(required)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i} is a {type(row).__name__}, expected an object")
+        for field in required:
+            if field not in row or row[field] is None:
+                raise DataError(f"{path}: row {i} lacks '{field}' (required: {', '.join(required)})")
+    return rows
+
+
+def load_eval_rows(
+    path: str | os.PathLike, required: Sequence[str] = ("instruction", "answer")
+) -> list[dict]:
+    """Load an evaluation file (JSON list or JSON lines) and check each row has ``required``.
+
+    Raises ``FileNotFoundError`` naming the path when it is missing and
+    :class:`comol.errors.DataError` (a ``ValueError``) naming the row and field when a row
+    is incomplete.
+    """
+    path = Path(path)
+    return _validate(path, _read_rows(path), required)
+
+
+def load_humaneval(path: str | os.PathLike) -> list[dict]:
+    """Load HumanEval problems; each needs task_id, prompt, entry_point and test."""
+    path = Path(path)
+    rows = _validate(path, _read_rows(path), HUMANEVAL_FIELDS)
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        if row["task_id"] in seen:
+            raise DataError(f"{path}: row {i} repeats task_id {row['task_id']!r}")
+        seen.add(row["task_id"])
+    return rows
+
+
+def math_file(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Path of a math evaluation set, e.g. ``math_file("gsm8k")``."""
+    return Path(data_dir or shared_data_dir()) / "eval" / "math" / f"{name}.json"
+
+
+def commonsense_file(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Path of a commonsense evaluation set, e.g. ``commonsense_file("boolq")``."""
+    return Path(data_dir or shared_data_dir()) / "eval" / "commonsense" / f"{name}.json"
+
+
+def humaneval_file(data_dir: str | os.PathLike | None = None) -> Path:
+    """Path of ``eval/code/humaneval.jsonl``."""
+    return Path(data_dir or shared_data_dir()) / "eval" / "code" / "humaneval.jsonl"

@@ -1,0 +1,61 @@
+"""Batched generation with explicit decoding settings (left padding, KV cache, stop at EOS)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+
+def decoding_config(decoding: Mapping[str, Any], max_new_tokens: int, tokenizer) -> GenerationConfig:
+    """A complete GenerationConfig: every field we rely on is set, so a model's own
+    generation_config (Qwen3 samples by default) cannot turn greedy into sampling."""
+    sample = bool(decoding.get("do_sample", False))
+    n = int(decoding.get("num_samples", 1))
+    if n < 1:
+        raise ValueError(f"eval.decoding.num_samples={n} is invalid: expected >= 1")
+    if not sample and n > 1:
+        raise ValueError("eval.decoding.num_samples > 1 needs eval.decoding.do_sample=true (greedy gives one answer)")
+    return GenerationConfig(
+        max_new_tokens=int(max_new_tokens),
+        do_sample=sample,
+        num_beams=1,
+        num_return_sequences=n,
+        temperature=float(decoding.get("temperature", 1.0)) if sample else 1.0,
+        top_p=float(decoding.get("top_p", 1.0)) if sample else 1.0,
+        top_k=0 if sample else None,
+        repetition_penalty=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, decoding: Mapping[str, Any],
+                       batch_size: int = 16, desc: str = "generate") -> list[list[str]]:
+    """For each prompt, ``decoding.num_samples`` decoded continuations (special tokens removed)."""
+    gen_cfg = decoding_config(decoding, max_new_tokens, tokenizer)
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    if gen_cfg.do_sample:
+        torch.manual_seed(int(decoding.get("seed", 0)))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    results: list[list[str]] = [[] for _ in prompts]
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, generation_config=gen_cfg)
+            new = out[:, enc["input_ids"].shape[1]:]
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            n = gen_cfg.num_return_sequences
+            for j, i in enumerate(idx):
+                results[i] = texts[j * n:(j + 1) * n]
+    finally:
+        model.train(was_training)
+    return results

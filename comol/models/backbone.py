@@ -1,0 +1,148 @@
+"""Backbones: a real model by hub id / local path, or a random-init one from the architecture block.
+
+Every model YAML (conf/model/*.yaml) carries ``family`` and ``arch`` (hidden size, layers, heads,
+KV heads, head dim, MLP width, vocab), so parameter counts work on the ``meta`` device without
+weights. Tiny models (``hub_id: null``) are random-init from ``arch`` with a fixed ``init_seed`` so
+every process rebuilds the very same backbone, and use the offline tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig, Qwen3Config
+
+from comol.errors import ConfigError, ModelNotFoundError
+from comol.models.tokenizer import offline_tokenizer
+
+log = logging.getLogger(__name__)
+
+FAMILIES: dict[str, type[PretrainedConfig]] = {"qwen3": Qwen3Config, "llama": LlamaConfig}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ARCH_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size")
+
+
+def _get(cfg: Mapping[str, Any], key: str, default=None):
+    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is invalid: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def hf_config(model_cfg: Mapping[str, Any], vocab_size: int | None = None) -> PretrainedConfig:
+    """A transformers config built from the model YAML's ``family`` and ``arch`` block."""
+    family = _get(model_cfg, "family")
+    if family not in FAMILIES:
+        raise ConfigError(f"model.family={family!r} is invalid: expected one of {', '.join(FAMILIES)}")
+    arch = _get(model_cfg, "arch") or {}
+    for key in ARCH_KEYS:
+        if key != "vocab_size" and not _get(arch, key):
+            raise ConfigError(f"model.arch.{key} is missing: expected a positive integer")
+    vocab = _get(arch, "vocab_size") or vocab_size
+    if not vocab:
+        raise ConfigError("model.arch.vocab_size is missing: expected a positive integer")
+    return FAMILIES[family](
+        hidden_size=arch["hidden_size"],
+        num_hidden_layers=arch["num_layers"],
+        num_attention_heads=arch["num_heads"],
+        num_key_value_heads=arch["num_kv_heads"],
+        head_dim=arch["head_dim"],
+        intermediate_size=arch["intermediate_size"],
+        vocab_size=vocab,
+        max_position_embeddings=_get(arch, "max_position_embeddings", 4096),
+        tie_word_embeddings=bool(_get(arch, "tie_word_embeddings", False)),
+        rms_norm_eps=_get(arch, "rms_norm_eps", 1e-6),
+    )
+
+
+def build_meta_model(model_cfg: Mapping[str, Any]) -> torch.nn.Module:
+    """The architecture on the ``meta`` device: shapes without memory, for parameter accounting."""
+    config = hf_config(model_cfg, vocab_size=None if _get(model_cfg, "hub_id") else len(load_tokenizer(model_cfg)))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def is_random_init(model_cfg: Mapping[str, Any]) -> bool:
+    return not _get(model_cfg, "hub_id") and not _get(model_cfg, "path")
+
+
+def load_tokenizer(model_cfg: Mapping[str, Any]):
+    source = _get(model_cfg, "tokenizer") or _get(model_cfg, "path") or _get(model_cfg, "hub_id")
+    if source in (None, "offline"):
+        return offline_tokenizer()
+    tok = _from_pretrained(AutoTokenizer, model_cfg, source)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        _set_distinct_pad(tok)
+    return tok
+
+
+def _set_distinct_pad(tok) -> None:
+    """Llama-3.1 has no pad token: use a reserved special token distinct from EOS."""
+    for candidate in ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<|pad|>", "<|endoftext|>"):
+        tid = tok.convert_tokens_to_ids(candidate)
+        if isinstance(tid, int) and tid != tok.unk_token_id and tid != tok.eos_token_id and tid is not None:
+            tok.pad_token = candidate
+            return
+    raise ModelNotFoundError(f"tokenizer {tok.name_or_path!r} has no pad token distinct from EOS; set model.pad_token")
+
+
+def _not_found(model_cfg: Mapping[str, Any], source: str, err: Exception) -> str:
+    name = _get(model_cfg, "name", "?")
+    return (
+        f"model={name}: could not load {source!r} (not in the local Hugging Face cache and the hub is unreachable: "
+        f"{type(err).__name__}). Download it where there is internet (`hf download {source}`) and copy the cache, "
+        f"or set model.path=/dir/with/config.json+weights"
+    )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the hub endpoint (no retries), unless HF_HUB_OFFLINE is set."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(auto_cls, model_cfg: Mapping[str, Any], source: str, **kwargs):
+    """Load from a local dir / the local cache first; go to the hub only when it answers at once."""
+    try:
+        return auto_cls.from_pretrained(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        if Path(source).exists() or not hub_reachable():
+            raise ModelNotFoundError(_not_found(model_cfg, source, e)) from None
+    try:
+        return auto_cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(_not_found(model_cfg, source, e)) from None
+
+
+def load_backbone(model_cfg: Mapping[str, Any], device: str | torch.device = "cpu"):
+    """Return ``(model, tokenizer)`` for a model YAML node."""
+    tok = load_tokenizer(model_cfg)
+    dtype = torch_dtype(_get(model_cfg, "dtype", "float32"))
+    if is_random_init(model_cfg):
+        config = hf_config(model_cfg, vocab_size=len(tok))
+        config.pad_token_id, config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(_get(model_cfg, "init_seed", 0)))
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        source = _get(model_cfg, "path") or _get(model_cfg, "hub_id")
+        model = _from_pretrained(AutoModelForCausalLM, model_cfg, source, dtype=dtype)
+    model.to(device)
+    model.config.use_cache = False  # training default; generation turns the KV cache on explicitly
+    return model, tok

@@ -1,0 +1,136 @@
+"""One job: build backbone -> inject adapter -> train -> save adapter -> evaluate -> results.json.
+
+``run(cfg)`` is what ``run.py`` calls; it returns the metrics dict (tests call it directly).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from comol.adapters import count_parameters, inject_adapter, load_adapter, save_adapter
+from comol.adapters.inject import read_adapter_config
+from comol.data import SFTDataModule, dataset_splits
+from comol.errors import ConfigError
+from comol.eval.runner import run_evaluation
+from comol.io_utils import atomic_write_json, atomic_write_text
+from comol.models import load_backbone
+from comol.models.lit_module import AdapterLM
+
+log = logging.getLogger(__name__)
+
+
+def _container(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is not None and "_target_" in node:
+            loggers.append(instantiate(node))
+    return loggers
+
+
+def finish_loggers(loggers: list) -> None:
+    """Close every logger; ``wandb.finish()`` makes each multirun job its own W&B run."""
+    for lg in loggers:
+        if lg.__class__.__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+        else:
+            lg.finalize("success")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    mode = cfg.get("mode", "train")
+    if mode == "train":
+        return train_and_evaluate(cfg)
+    if mode == "eval":
+        return evaluate_saved(cfg)
+    raise ConfigError(f"mode={mode!r} is invalid: expected 'train' or 'eval'")
+
+
+def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    model, tokenizer = load_backbone(cfg.model)
+    adapter_cfg = inject_adapter(model, _container(cfg.adapter))
+    trainable, total = count_parameters(model)
+    log.info("adapter %s: %d trainable / %d total parameters (%.4f%%)", adapter_cfg.name, trainable, total,
+             100 * trainable / total)
+
+    splits = dataset_splits(_container(cfg.dataset))
+    datamodule = SFTDataModule(_container(cfg.dataset), tokenizer, seed=int(cfg.seed), splits=splits)
+    lit = AdapterLM(model, _container(cfg.optim), aux_loss_coeff=adapter_cfg.aux_loss_coeff)
+
+    loggers = build_loggers(cfg)
+    try:
+        for lg in loggers:
+            lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True),
+                                "params/trainable": trainable, "params/total": total})
+        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, default_root_dir=str(out_dir))
+        start = time.time()
+        trainer.fit(lit, datamodule=datamodule)
+        train_time = time.time() - start
+
+        results: dict[str, float] = {
+            "params/trainable": trainable,
+            "params/total": total,
+            "train/steps": trainer.global_step,
+            "train/time_s": round(train_time, 2),
+        }
+        for key in ("train/loss", "val/loss"):
+            if key in trainer.callback_metrics:
+                results[f"{key}_final"] = float(trainer.callback_metrics[key])
+        if cfg.get("save_adapter", True):
+            save_adapter(model, out_dir / "adapter", base_model=_container(cfg.model),
+                         extra={"seed": int(cfg.seed), "run_name": cfg.get("run_name")})
+        metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=splits.get("test"))
+        results.update(metrics)
+        for lg in loggers:
+            lg.log_metrics(metrics, step=trainer.global_step)
+            if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
+                lg.experiment.summary.update(results)
+        atomic_write_json(out_dir / "results.json", results)
+        return results
+    finally:
+        finish_loggers(loggers)
+
+
+def evaluate_saved(cfg: DictConfig) -> dict[str, float]:
+    """``mode=eval adapter_path=<dir>``: rebuild the backbone named in the adapter's config, load, evaluate."""
+    if not cfg.get("adapter_path"):
+        raise ConfigError("adapter_path is missing: mode=eval needs adapter_path=<saved adapter dir>")
+    adapter_dir = Path(cfg.adapter_path)
+    meta = read_adapter_config(adapter_dir)
+    model_cfg = meta.get("base_model") or _container(cfg.model)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    model, tokenizer = load_backbone(model_cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+    adapter_cfg = load_adapter(model, adapter_dir)
+    toy_rows = None
+    if cfg.dataset.get("source") == "toy_math":
+        toy_rows = dataset_splits(_container(cfg.dataset)).get("test")
+    loggers = build_loggers(cfg)
+    try:
+        metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=toy_rows)
+        results = {"adapter_path": str(adapter_dir.resolve()), "adapter": adapter_cfg.name, **metrics}
+        for lg in loggers:
+            lg.log_metrics(metrics, step=0)
+        atomic_write_json(out_dir / "results.json", results)
+        return results
+    finally:
+        finish_loggers(loggers)
