@@ -1,7 +1,11 @@
-"""Adapter registry: importing this package registers every adapter family.
+"""Adapter registry: importing this package imports every module in it, and each adapter
+family registers itself with ``@register_adapter("<name>")`` (one family per file).
 
 Public API: ``build_adapter_config``, ``inject_adapter``, ``save_adapter``, ``load_adapter``.
 """
+
+import importlib
+import pkgutil
 
 from comol.adapters.base import (  # noqa: F401
     ADAPTER_PREFIX,
@@ -16,7 +20,6 @@ from comol.adapters.base import (  # noqa: F401
     registered_adapters,
     token_mask,
 )
-from comol.adapters import lora, comol  # noqa: F401,E401  (registration side effects)
 from comol.adapters.inject import (  # noqa: F401
     adapter_state_dict,
     count_parameters,
@@ -24,3 +27,8 @@ from comol.adapters.inject import (  # noqa: F401
     load_adapter,
     save_adapter,
 )
+
+_INFRA = {"base", "inject"}
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name not in _INFRA and not _mod.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod.name}")

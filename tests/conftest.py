@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MICRO_ARCH = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+              "intermediate_size": 128, "vocab_size": None, "max_position_embeddings": 256}
+
+
+def micro_model_cfg(family: str = "qwen3", **arch) -> dict:
+    """A very small random-init backbone config (same code path as tiny_qwen3 / tiny_llama)."""
+    return {"name": f"micro_{family}", "family": family, "hub_id": None, "path": None, "tokenizer": "offline",
+            "dtype": "float32", "init_seed": 0, "arch": {**MICRO_ARCH, **arch}}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
