@@ -22,3 +22,14 @@ def micro_model_cfg(family: str = "qwen3", **arch) -> dict:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The real benchmark files (README: set COMOL_DATA_DIR; default ../shared/data)."""
+    from comol.eval.eval_files import shared_data_dir
+
+    path = shared_data_dir()
+    if not (path / "eval").is_dir():
+        pytest.fail(f"benchmark data not found at {path}: set COMOL_DATA_DIR to the shared/data directory")
+    return path

@@ -1,0 +1,48 @@
+"""Parameter accounting on the meta device reproduces the paper (methods.md §4)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from comol import ROOT
+from comol.params import main, trainable_params
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["adapter=lora", "adapter.r=16"], 24_772_608),
+    (["adapter=comol"], 25_164_288),
+    (["adapter=comol_nocr"], 33_398_784),
+])
+def test_qwen3_8b_paper_counts(overrides, expected):
+    trainable, total = trainable_params(["model=qwen3_8b", *overrides])
+    assert trainable == expected
+    assert total > 8.1e9  # the whole backbone is there, on the meta device
+
+
+def test_printed_figures_match_paper_within_0_01M(capsys):
+    paper = {"adapter=lora": 24.77, "adapter=comol": 25.16, "adapter=comol_nocr": 33.39}
+    for override, figure in paper.items():
+        assert main(["model=qwen3_8b", override]) == 0
+        printed = capsys.readouterr().out.strip()
+        assert printed.endswith("M") and abs(float(printed[:-1]) - figure) <= 0.0101, (override, printed)
+
+
+def test_cli_prints_two_decimals_and_M():
+    out = subprocess.run([sys.executable, "-m", "comol.params", "model=qwen3_8b", "adapter=lora", "adapter.r=16"],
+                         capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
+    assert out == "24.77M"
+
+
+def test_other_backbones_follow_the_formula():
+    # LoRA r=16 on Llama-3.1-8B: 32 layers x r(n+m) over q,k,v,o,down
+    per_layer = 16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (14336 + 4096))
+    assert trainable_params(["model=llama31_8b", "adapter=lora"])[0] == 32 * per_layer
+    per_layer = 16 * ((5120 + 5120) * 2 + (5120 + 1024) * 2 + (17408 + 5120))
+    assert trainable_params(["model=qwen3_14b", "adapter=lora"])[0] == 40 * per_layer
+
+
+def test_bad_override_is_one_line_error(capsys):
+    assert main(["adapter=nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "adapter/nope" in err and "\n" not in err
