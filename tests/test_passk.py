@@ -117,7 +117,7 @@ def test_evaluate_metrics_load_offline(tmp_path):
     off, and inside a network namespace (no network at all) where `unshare` works."""
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_EVALUATE_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               HF_MODULES_CACHE=str(tmp_path / "modules"),
+               HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "hf" / "modules"),
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-c", _METRIC_SCRIPT]
     unshare = shutil.which("unshare")

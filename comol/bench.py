@@ -1,0 +1,213 @@
+"""Training-step time and peak memory of adapters on one backbone, measured side by side in one process.
+
+    python -m comol.bench                       # LoRA r16, CoMoL r16 N=8/64, naive CoMoL N=8/64
+    python -m comol.bench --all                 # + every adapter preset in conf/adapter
+    python -m comol.bench --hidden 1024 --layers 4 --batch 4 --seq 256
+
+Step = forward + backward + AdamW step on a random-init Qwen3 built from the given architecture.
+Timings are interleaved (one step of each variant per round) and the median is reported, so
+machine noise hits every variant alike. Peak memory: on CUDA, ``torch.cuda.max_memory_allocated``;
+on CPU, the peak of the allocator timeline recorded by the PyTorch profiler for one step
+(parameters, gradients, optimizer state and activations). Ratios are relative to LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from omegaconf import OmegaConf
+
+from comol.adapters import count_parameters, inject_adapter
+from comol.adapters.comol import CoMoLConfig, CoMoLLinear
+from comol.models import load_backbone
+
+
+class NaiveCoMoLLinear(CoMoLLinear):
+    """CoMoL as the official code computes it: a [tokens, N, r, r] stack of gated cores, then a sum."""
+
+    def mix(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        stack = g.to(z.dtype)[:, :, None, None] * self.adapter_cores[None]      # [T, N, r, r]
+        merged = stack.sum(dim=1)                                               # [T, r, r]
+        return torch.bmm(merged, z.unsqueeze(-1)).squeeze(-1)
+
+
+class NaiveCoMoLConfig(CoMoLConfig):
+    def make_layer(self, base, module_name):
+        return NaiveCoMoLLinear(base, self)
+
+
+@dataclass
+class Variant:
+    label: str
+    inject: Callable[[torch.nn.Module], None]
+
+
+def _adapter(values: dict) -> Callable[[torch.nn.Module], None]:
+    return lambda model: inject_adapter(model, values)
+
+
+def _naive(r: int, n_exp: int) -> Callable[[torch.nn.Module], None]:
+    return lambda model: inject_adapter(model, NaiveCoMoLConfig(r=r, num_experts=n_exp))
+
+
+def default_variants() -> list[Variant]:
+    return [
+        Variant("lora r16", _adapter({"name": "lora", "r": 16})),
+        Variant("comol r16 N8", _adapter({"name": "comol", "r": 16, "num_experts": 8})),
+        Variant("comol r16 N64", _adapter({"name": "comol", "r": 16, "num_experts": 64})),
+        Variant("naive comol r16 N8", _naive(16, 8)),
+        Variant("naive comol r16 N64", _naive(16, 64)),
+    ]
+
+
+def preset_variants() -> list[Variant]:
+    """Every adapter preset in conf/adapter with its YAML defaults (the paper's settings)."""
+    from comol.config import compose
+    from comol.params import adapter_presets
+
+    out = []
+    for name in adapter_presets():
+        values = OmegaConf.to_container(compose([f"adapter={name}"]).adapter, resolve=True)
+        out.append(Variant(f"{name} (preset)", _adapter(values)))
+    return out
+
+
+def backbone(args) -> tuple[torch.nn.Module, int]:
+    cfg = {"name": "bench", "family": args.family, "hub_id": None, "tokenizer": "offline", "dtype": "float32",
+           "init_seed": 0, "arch": {"hidden_size": args.hidden, "num_layers": args.layers, "num_heads": args.heads,
+                                    "num_kv_heads": args.kv_heads, "head_dim": args.hidden // args.heads,
+                                    "intermediate_size": args.mlp or 3 * args.hidden, "vocab_size": args.vocab,
+                                    "max_position_embeddings": max(args.seq, 512)}}
+    model, _ = load_backbone(cfg, device=args.device)
+    return model, model.config.vocab_size
+
+
+class Runner:
+    def __init__(self, model: torch.nn.Module, batch: dict, device: str):
+        self.model, self.batch, self.device = model.train(), batch, device
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(self) -> None:
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
+            loss = self.model(**self.batch).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def timed_step(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        self.step()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def peak_memory(self) -> int:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.step()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return cpu_peak_bytes(self.step)
+
+
+def cpu_peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak bytes alive during ``fn`` according to the profiler's allocator timeline."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    return int(max(sum(row) for row in sizes))
+
+
+def measure(args, variants: list[Variant]) -> list[dict]:
+    base, vocab = backbone(args)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    runners, rows = [], []
+    for v in variants:
+        model = copy.deepcopy(base)
+        v.inject(model)
+        runners.append(Runner(model, batch, args.device))
+        rows.append({"variant": v.label, "trainable": count_parameters(model)[0], "times": []})
+    for r in runners:  # warm-up (allocator, autograd graph caches)
+        for _ in range(args.warmup):
+            r.step()
+    for _ in range(args.steps):
+        for r, row in zip(runners, rows):
+            row["times"].append(r.timed_step())
+    for r, row in zip(runners, rows):
+        row["step_ms"] = 1000 * statistics.median(row["times"])
+        row["peak_mib"] = r.peak_memory() / 2**20
+    return rows
+
+
+TARGETS = [  # (variant, reference, quantity, bound, description)
+    ("comol r16 N8", "lora r16", "step_ms", 1.10, "CoMoL N=8 step time <= 1.10 x LoRA"),
+    ("comol r16 N8", "lora r16", "peak_mib", 1.05, "CoMoL N=8 peak memory <= 1.05 x LoRA"),
+    ("comol r16 N64", "lora r16", "step_ms", 1.15, "CoMoL N=64 step time <= 1.15 x LoRA"),
+    ("naive comol r16 N8", "comol r16 N8", "step_ms", 1.5, "naive / CoMoL N=8 step time >= 1.5"),
+    ("naive comol r16 N64", "comol r16 N64", "step_ms", 2.5, "naive / CoMoL N=64 step time >= 2.5"),
+]
+
+
+def report(rows: list[dict], args) -> str:
+    by = {r["variant"]: r for r in rows}
+    ref = by.get("lora r16", rows[0])
+    lines = [f"backbone: {args.family} hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "
+             f"mlp={args.mlp or 3 * args.hidden}; batch {args.batch} x {args.seq} tokens; device {args.device}; "
+             f"median of {args.steps} interleaved steps", "",
+             "| variant | trainable | step ms | x LoRA | peak MiB | x LoRA |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['trainable'] / 1e6:.3f}M | {r['step_ms']:.1f} | "
+                     f"{r['step_ms'] / ref['step_ms']:.3f} | {r['peak_mib']:.1f} | {r['peak_mib'] / ref['peak_mib']:.3f} |")
+    lines.append("")
+    for var, refname, key, bound, desc in TARGETS:
+        if var in by and refname in by:
+            ratio = by[var][key] / by[refname][key]
+            ok = ratio >= bound if desc.split()[0] == "naive" else ratio <= bound
+            lines.append(f"{'PASS' if ok else 'FAIL'}  {desc}: measured {ratio:.3f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="qwen3", choices=["qwen3", "llama"])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--mlp", type=int, default=None, help="MLP width (default 3 x hidden)")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary (default: the offline tokenizer's)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="timed rounds")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--all", action="store_true", help="add every adapter preset of conf/adapter")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = default_variants() + (preset_variants() if args.all else [])
+    print(report(measure(args, variants), args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
