@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -48,6 +49,17 @@ def finish_loggers(loggers: list) -> None:
             wandb.finish()
         else:
             lg.finalize("success")
+
+
+def write_results(out_dir: Path, results: dict, eval_cfg: dict | None = None) -> Path:
+    """Merge ``results`` into ``out_dir/results.json`` atomically; an evaluation that is run again
+    replaces its own ``eval/<task>/...`` keys instead of piling up stale ones."""
+    path = out_dir / "results.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    task = (eval_cfg or {}).get("task")
+    if task and task != "none":
+        old = {k: v for k, v in old.items() if not k.startswith(f"eval/{task}/")}
+    return atomic_write_json(path, {**old, **results})
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -103,7 +115,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
             lg.log_metrics(metrics, step=trainer.global_step)
             if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
                 lg.experiment.summary.update(results)
-        atomic_write_json(out_dir / "results.json", results)
+        write_results(out_dir, results, _container(cfg.eval))
         return results
     finally:
         finish_loggers(loggers)
@@ -130,7 +142,7 @@ def evaluate_saved(cfg: DictConfig) -> dict[str, float]:
         results = {"adapter_path": str(adapter_dir.resolve()), "adapter": adapter_cfg.name, **metrics}
         for lg in loggers:
             lg.log_metrics(metrics, step=0)
-        atomic_write_json(out_dir / "results.json", results)
+        write_results(out_dir, results, _container(cfg.eval))
         return results
     finally:
         finish_loggers(loggers)

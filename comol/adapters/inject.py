@@ -136,7 +136,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bo
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
-        raise CheckpointError(f"{adapter_dir / WEIGHTS_FILE}: {what} for adapter {cfg.name!r} on this model")
+        raise CheckpointError(f"{adapter_dir / WEIGHTS_FILE}: {what} for adapter {cfg.name!r} on this model "
+                              f"(saved for another backbone? it names {meta.get('base_model', {}).get('name', '?')!r})")
     for name, t in tensors.items():
         if tuple(t.shape) != tuple(expected[name].shape):
             raise CheckpointError(

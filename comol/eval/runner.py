@@ -13,7 +13,8 @@ from typing import Any, Callable, Mapping
 from comol.data.prompts import build_prompt
 from comol.errors import ConfigError
 from comol.eval.commonsense_scoring import score_commonsense_row
-from comol.eval.eval_files import load_eval_rows
+from comol.eval.code_exec import build_program, evaluate_humaneval
+from comol.eval.eval_files import load_eval_rows, load_humaneval
 from comol.eval.generate import generate_responses
 from comol.eval.math_scoring import extract_last_number, is_aqua, math_correct, score_math_row
 from comol.io_utils import atomic_write_jsonl
@@ -37,15 +38,30 @@ SCORERS: dict[str, Callable[[str, str, str], dict]] = {
 }
 
 
+#: HumanEval completions stop where a new top-level statement would begin.
+CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+
+
+def truncate_completion(text: str) -> str:
+    """Cut a code completion at the first stop sequence (the function body ends there)."""
+    cut = min((i for i in (text.find(s) for s in CODE_STOPS) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def set_path(source: str, eval_cfg: Mapping[str, Any]) -> Path:
+    data_dir = eval_cfg.get("data_dir")
+    return Path(source) if Path(source).is_absolute() or not data_dir else Path(data_dir) / source
+
+
 def eval_rows(set_name: str, source: str, eval_cfg: Mapping[str, Any], toy_rows: list[dict] | None) -> list[dict]:
     if source == TOY_SOURCE:
         if toy_rows is None:
             raise ConfigError(f"eval.sets.{set_name}=toy_math needs dataset=toy_math (its held-out test split)")
         rows = toy_rows
+    elif eval_cfg.get("task") == "code":
+        rows = load_humaneval(set_path(source, eval_cfg))
     else:
-        data_dir = eval_cfg.get("data_dir")
-        path = Path(source) if Path(source).is_absolute() or not data_dir else Path(data_dir) / source
-        rows = load_eval_rows(path)
+        rows = load_eval_rows(set_path(source, eval_cfg))
     limit = eval_cfg.get("limit")
     return rows[: int(limit)] if limit else rows
 
@@ -57,8 +73,10 @@ def run_evaluation(model, tokenizer, eval_cfg: Mapping[str, Any], out_dir: str |
     sets = dict(eval_cfg.get("sets") or {})
     if task == "none" or not sets:
         return {}
+    if task == "code":
+        return run_code_evaluation(model, tokenizer, eval_cfg, out_dir)
     if task not in SCORERS:
-        raise ConfigError(f"eval.task={task!r} is invalid: expected one of {', '.join(SCORERS)} or none")
+        raise ConfigError(f"eval.task={task!r} is invalid: expected one of {', '.join(SCORERS)}, code or none")
     scorer = SCORERS[task]
     pred_dir = Path(out_dir) / "predictions"
     metrics: dict[str, float] = {}
@@ -82,4 +100,39 @@ def run_evaluation(model, tokenizer, eval_cfg: Mapping[str, Any], out_dir: str |
         atomic_write_jsonl(pred_dir / f"{set_name}.jsonl", records)
         log.info("eval %s/%s: acc %.4f on %d rows", task, set_name, acc, len(records))
     metrics[f"eval/{task}/mean_acc"] = sum(accs) / len(accs)
+    return metrics
+
+
+def code_prompt(problem: dict, style: str) -> str:
+    if style == "raw":
+        return problem["prompt"]
+    if style == "alpaca":
+        return build_prompt({"instruction": "Complete the following Python code.", "input": problem["prompt"]})
+    raise ConfigError(f"eval.prompt_style={style!r} is invalid: expected raw or alpaca")
+
+
+def run_code_evaluation(model, tokenizer, eval_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str, float]:
+    """HumanEval-style: sample completions, run each program sandboxed, unbiased pass@k."""
+    metrics: dict[str, float] = {}
+    n = int(eval_cfg["decoding"].get("num_samples", 1))
+    ks = [k for k in eval_cfg.get("ks", [1]) if k <= n]
+    for set_name, source in dict(eval_cfg["sets"]).items():
+        problems = eval_rows(set_name, str(source), eval_cfg, None)
+        style = eval_cfg.get("prompt_style", "raw")
+        samples = generate_responses(
+            model, tokenizer, [code_prompt(p, style) for p in problems], eval_cfg["max_new_tokens"],
+            eval_cfg["decoding"], batch_size=eval_cfg.get("batch_size", 8), desc=f"generate {set_name}",
+        )
+        completions = {p["task_id"]: [truncate_completion(s) for s in outs] for p, outs in zip(problems, samples)}
+        scored = evaluate_humaneval(problems, completions, ks=ks, workers=int(eval_cfg.get("workers", 4)),
+                                    timeout=float(eval_cfg.get("timeout", 3.0)),
+                                    memory_mb=int(eval_cfg.get("memory_mb", 1024)))
+        per_problem = {r["task_id"]: r for r in scored["per_problem"]}
+        records = [{"task_id": p["task_id"], "completions": completions[p["task_id"]],
+                    "n": per_problem[p["task_id"]]["n"], "c": per_problem[p["task_id"]]["c"],
+                    "statuses": per_problem[p["task_id"]]["statuses"]} for p in problems]
+        atomic_write_jsonl(Path(out_dir) / "predictions" / f"{set_name}.jsonl", records)
+        for key, value in scored["pass@k"].items():
+            metrics[f"eval/code/{set_name}/{key}"] = value
+        log.info("eval code/%s: %s", set_name, scored["pass@k"])
     return metrics
