@@ -18,7 +18,10 @@ def main(cfg: DictConfig) -> float | None:
     except ComolError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return metrics.get("eval/math/mean_acc")
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k.startswith(("eval/", "params/"))}
+    print(f"results ({cfg.paths.output_dir}): {shown}")
+    # a scalar for Hydra sweepers that optimise something: the first mean accuracy / pass@1 found
+    return next((v for k, v in metrics.items() if k.endswith(("mean_acc", "pass@1"))), None)
 
 
 if __name__ == "__main__":
