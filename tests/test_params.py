@@ -46,3 +46,18 @@ def test_bad_override_is_one_line_error(capsys):
     assert main(["adapter=nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "adapter/nope" in err and "\n" not in err
+
+
+PAPER_TABLE_2 = {  # methods.md §4: Qwen3-8B, q,k,v,o,down, the papers' "Param" column
+    "lora": 24.77, "molora": 107.35, "hydralora": 49.55, "mola": 107.35, "adamole": 108.38,
+    "sparsemoa": 24.49, "comol_nocr": 33.39, "comol": 25.16,
+}
+
+
+def test_paper_table_2_param_column():
+    from comol.params import table
+
+    rendered = table(["model=qwen3_8b"])
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in rendered.splitlines()[2:]}
+    for adapter, figure in PAPER_TABLE_2.items():
+        assert abs(float(rows[adapter].rstrip("M")) - figure) <= 0.0101, (adapter, rows[adapter], figure)
