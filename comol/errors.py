@@ -13,6 +13,10 @@ class DataError(ComolError, ValueError):
     """A data file or row is invalid; the message names the file and row."""
 
 
+class DataFileNotFound(DataError, FileNotFoundError):
+    """A data file named in the config does not exist."""
+
+
 class ModelNotFoundError(ComolError):
     """Backbone weights/config could not be found locally or on the hub."""
 

@@ -27,9 +27,14 @@ def _seed():
 @pytest.fixture(scope="session")
 def shared_data():
     """The real benchmark files (README: set COMOL_DATA_DIR; default ../shared/data)."""
-    from comol.eval.eval_files import shared_data_dir
+    from comol.eval.eval_files import require_shared_data_dir
 
-    path = shared_data_dir()
-    if not (path / "eval").is_dir():
-        pytest.fail(f"benchmark data not found at {path}: set COMOL_DATA_DIR to the shared/data directory")
-    return path
+    try:
+        return require_shared_data_dir()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def data_dir(shared_data):
+    return shared_data

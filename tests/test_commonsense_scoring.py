@@ -15,16 +15,7 @@ from comol.eval.eval_files import (
     COMMONSENSE_SETS,
     commonsense_file,
     load_eval_rows,
-    require_shared_data_dir,
 )
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    try:
-        return require_shared_data_dir()
-    except FileNotFoundError as e:
-        pytest.fail(str(e))
 
 
 @pytest.mark.parametrize(

@@ -23,14 +23,6 @@ from comol.eval.eval_files import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def data_dir():
-    try:
-        return require_shared_data_dir()
-    except FileNotFoundError as e:
-        pytest.fail(str(e))
-
-
 def test_shared_data_dir_env_and_default(monkeypatch, tmp_path):
     monkeypatch.setenv("COMOL_DATA_DIR", str(tmp_path))
     assert shared_data_dir() == tmp_path
@@ -46,7 +38,7 @@ def test_missing_data_dir_says_how_to_fix(monkeypatch, tmp_path):
 
 def test_missing_file_names_path(tmp_path):
     path = tmp_path / "gsm8k.json"
-    with pytest.raises(FileNotFoundError, match=r"gsm8k\.json: evaluation file not found"):
+    with pytest.raises(FileNotFoundError, match=r"evaluation file .*gsm8k\.json does not exist"):
         load_eval_rows(path)
 
 

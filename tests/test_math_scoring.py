@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from comol.eval.eval_files import MATH_SETS, load_eval_rows, math_file, require_shared_data_dir
+from comol.eval.eval_files import MATH_SETS, load_eval_rows, math_file
 from comol.eval.math_scoring import (
     aqua_reference,
     aqua_robust,
@@ -15,14 +15,6 @@ from comol.eval.math_scoring import (
     math_correct,
     score_math_row,
 )
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    try:
-        return require_shared_data_dir()
-    except FileNotFoundError as e:
-        pytest.fail(str(e))
 
 
 # ---------------------------------------------------------------- number extraction

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from comol.errors import DataError
+from comol.errors import DataError, DataFileNotFound
 
 
 def _looks_like_path(source: str) -> bool:
@@ -14,28 +14,31 @@ def _looks_like_path(source: str) -> bool:
     return source.endswith((".json", ".jsonl")) or Path(source).exists()
 
 
-def read_json_rows(path: str | Path) -> list[dict]:
-    """Rows of a JSON list file or a JSON-lines file; errors name the file (and line)."""
+def read_json_rows(path: str | Path, what: str = "data file") -> list:
+    """Rows of a JSON-list file or a JSON-lines file (told apart by content, not by suffix).
+
+    Errors name the file (and the line for JSON lines).
+    """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
+        raise DataFileNotFound(f"{what} {path} does not exist")
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-    return data
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+        return data
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+    return rows
 
 
 def check_rows(rows: list, source: str, required: Sequence[str] = ("instruction", "output")) -> list[dict]:

@@ -6,11 +6,11 @@ one-line message naming the file, the row and the missing field.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from comol.data.loading import read_json_rows
 from comol.errors import DataError
 
 #: Environment variable pointing at the shared reference data (``eval/``, ``train/``).
@@ -50,28 +50,7 @@ def require_shared_data_dir() -> Path:
 
 
 def _read_rows(path: Path) -> list:
-    """Rows of a JSON-list file or a JSON-lines file (chosen by content, not by suffix)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: evaluation file not found")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of objects")
-        return rows
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {lineno} is not valid JSON ({e})") from None
-    return rows
+    return read_json_rows(path, what="evaluation file")
 
 
 def _validate(path: Path, rows: list, required: Iterable[str]) -> list[dict]:
