@@ -23,6 +23,7 @@ from comol.errors import ConfigError
 from comol.eval.runner import run_evaluation
 from comol.io_utils import atomic_write_json, atomic_write_text
 from comol.models import load_backbone
+from comol.models.best_adapter import BestAdapterKeeper
 from comol.models.lit_module import AdapterLM
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,9 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         for lg in loggers:
             lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True),
                                 "params/trainable": trainable, "params/total": total})
-        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, default_root_dir=str(out_dir))
+        keeper = BestAdapterKeeper(cfg.select_best) if cfg.get("select_best") else None
+        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, default_root_dir=str(out_dir),
+                                         callbacks=[keeper] if keeper else None)
         start = time.time()
         trainer.fit(lit, datamodule=datamodule)
         train_time = time.time() - start
@@ -106,6 +109,9 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         for key in ("train/loss", "val/loss"):
             if key in trainer.callback_metrics:
                 results[f"{key}_final"] = float(trainer.callback_metrics[key])
+        if keeper is not None and keeper.restore(model):
+            results.update({f"train/best_{cfg.select_best}": keeper.best, "train/best_step": keeper.best_step})
+            log.info("restored the adapter of step %d (%s = %.4f)", keeper.best_step, cfg.select_best, keeper.best)
         if cfg.get("save_adapter", True):
             save_adapter(model, out_dir / "adapter", base_model=_container(cfg.model),
                          extra={"seed": int(cfg.seed), "run_name": cfg.get("run_name")})

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from comol import ROOT
 from comol.config import compose
@@ -118,3 +119,28 @@ def test_real_model_without_weights_fails_fast_with_one_sentence(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "Qwen/Qwen3-8B" in last and "model.path" in last
+
+
+def test_select_best_restores_adapter_of_lowest_val_loss(tmp_path):
+    results = run_in(tmp_path, "logger=csv", "select_best=val/loss", "trainer.max_steps=12",
+                     "trainer.val_check_interval=3", "optim.lr=0.05", "eval=none")
+    rows = list(csv.DictReader(open(next(tmp_path.glob("csv/version_*/metrics.csv")))))
+    vals = [(float(r["val/loss"]), int(r["step"])) for r in rows if r.get("val/loss")]
+    assert len(vals) == 4
+    best_loss, best_step = min(vals)
+    assert results["train/best_val/loss"] == pytest.approx(best_loss, rel=1e-6)
+    assert results["train/best_step"] == best_step + 1 or results["train/best_step"] == best_step
+    # the saved adapter is the restored one: its validation loss is the best, not the last
+    from comol.adapters import load_adapter
+    from comol.data import SFTDataModule, dataset_splits
+    from comol.models import load_backbone
+
+    cfg = compose([*FAST, f"paths.output_dir={tmp_path}"])
+    model, tok = load_backbone(cfg.model)
+    load_adapter(model, tmp_path / "adapter")
+    dm = SFTDataModule(cfg.dataset, tok, splits=dataset_splits(cfg.dataset))
+    dm.setup()
+    (batch,) = list(dm.val_dataloader())
+    with torch.no_grad():
+        loss = model.eval()(**batch).loss.item()
+    assert loss == pytest.approx(best_loss, rel=1e-4) and best_loss < vals[-1][0]
