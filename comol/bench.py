@@ -5,6 +5,8 @@
     python -m comol.bench --hidden 1024 --layers 4 --batch 4 --seq 256
 
 Step = forward + backward + AdamW step on a random-init Qwen3 built from the given architecture.
+A second table times one adapted Linear alone (forward + backward), where the adapter's own cost is
+not diluted by the backbone.
 Timings are interleaved (one step of each variant per round) and the median is reported, so
 machine noise hits every variant alike. Peak memory: on CUDA, ``torch.cuda.max_memory_allocated``;
 on CPU, the peak of the allocator timeline recorded by the PyTorch profiler for one step
@@ -181,6 +183,64 @@ def report(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def measure_layer(args, variants: list[Variant]) -> list[dict]:
+    """Forward + backward of one adapted Linear (hidden -> hidden) on batch x seq tokens: the adapter's own
+    cost without the backbone around it (the base matmul is included, as in the model)."""
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(args.hidden, args.hidden, bias=False)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch * args.seq, args.hidden, generator=g).to(args.device).requires_grad_(True)
+    rows, mods = [], []
+    for v in variants:
+        torch.manual_seed(0)
+        one = One().to(args.device)
+        try:
+            v.inject(one)
+        except Exception:  # noqa: BLE001 - block-level adapters have no single Linear to time
+            continue
+        one.q_proj.base_layer.requires_grad_(False)
+        mods.append(one.q_proj.train())
+        rows.append({"variant": v.label, "times": []})
+
+    def step(mod):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+            out = mod(x)
+        out.float().sum().backward()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for mod in mods:
+        for _ in range(args.warmup):
+            step(mod)
+    for _ in range(args.steps * 3):
+        for mod, row in zip(mods, rows):
+            row["times"].append(step(mod))
+    for row in rows:
+        row["step_ms"] = 1000 * statistics.median(row["times"])
+    return rows
+
+
+def layer_report(rows: list[dict], args) -> str:
+    by = {r["variant"]: r for r in rows}
+    ref = by.get("lora r16", rows[0])
+    lines = [f"one adapted Linear {args.hidden} -> {args.hidden}, {args.batch * args.seq} tokens, forward + backward:",
+             "", "| variant | ms | x LoRA |", "|---|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['step_ms']:.2f} | {r['step_ms'] / ref['step_ms']:.3f} |" for r in rows]
+    for n_exp in (8, 64):
+        fast, naive = by.get(f"comol r16 N{n_exp}"), by.get(f"naive comol r16 N{n_exp}")
+        if fast and naive:
+            lines.append(f"naive / CoMoL N={n_exp} (layer): {naive['step_ms'] / fast['step_ms']:.2f}x")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="qwen3", choices=["qwen3", "llama"])
@@ -196,6 +256,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--all", action="store_true", help="add every adapter preset of conf/adapter")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--skip-model", action="store_true", help="only the single-layer measurement")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     return p.parse_args(argv)
 
@@ -205,7 +266,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = default_variants() + (preset_variants() if args.all else [])
-    print(report(measure(args, variants), args))
+    if not args.skip_model:
+        print(report(measure(args, variants), args))
+        print()
+    print(layer_report(measure_layer(args, variants), args))
     return 0
 
 
