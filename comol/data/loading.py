@@ -41,15 +41,16 @@ def read_json_rows(path: str | Path, what: str = "data file") -> list:
     return rows
 
 
-def check_rows(rows: list, source: str, required: Sequence[str] = ("instruction", "output")) -> list[dict]:
-    """Every row is an object with string fields ``required`` (``input`` optional)."""
+def check_rows(rows: list, source: str, required: Sequence[str] = ("instruction", "output"),
+               strings: bool = True) -> list[dict]:
+    """Every row is an object with the fields ``required`` (strings, unless ``strings=False``)."""
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{source}: row {i} is a {type(row).__name__}, expected an object with {list(required)}")
         for key in required:
             if key not in row or row[key] is None:
-                raise DataError(f"{source}: row {i} lacks '{key}'")
-            if not isinstance(row[key], str):
+                raise DataError(f"{source}: row {i} lacks '{key}' (required: {', '.join(required)})")
+            if strings and not isinstance(row[key], str):
                 raise DataError(f"{source}: row {i} field '{key}' is a {type(row[key]).__name__}, expected a string")
     return rows
 

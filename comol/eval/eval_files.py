@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from comol.data.loading import read_json_rows
+from comol.data.loading import check_rows, read_json_rows
 from comol.errors import DataError
 
 #: Environment variable pointing at the shared reference data (``eval/``, ``train/``).
@@ -49,19 +49,9 @@ def require_shared_data_dir() -> Path:
     return path
 
 
-def _read_rows(path: Path) -> list:
-    return read_json_rows(path, what="evaluation file")
-
-
-def _validate(path: Path, rows: list, required: Iterable[str]) -> list[dict]:
-    required = tuple(required)
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {i} is a {type(row).__name__}, expected an object")
-        for field in required:
-            if field not in row or row[field] is None:
-                raise DataError(f"{path}: row {i} lacks '{field}' (required: {', '.join(required)})")
-    return rows
+def _read_checked(path: Path, required: Iterable[str]) -> list[dict]:
+    rows = read_json_rows(path, what="evaluation file")
+    return check_rows(rows, str(path), tuple(required), strings=False)
 
 
 def load_eval_rows(
@@ -74,13 +64,13 @@ def load_eval_rows(
     is incomplete.
     """
     path = Path(path)
-    return _validate(path, _read_rows(path), required)
+    return _read_checked(path, required)
 
 
 def load_humaneval(path: str | os.PathLike) -> list[dict]:
     """Load HumanEval problems; each needs task_id, prompt, entry_point and test."""
     path = Path(path)
-    rows = _validate(path, _read_rows(path), HUMANEVAL_FIELDS)
+    rows = _read_checked(path, HUMANEVAL_FIELDS)
     seen: set[str] = set()
     for i, row in enumerate(rows):
         if row["task_id"] in seen:
