@@ -97,6 +97,7 @@ def test_bad_input_is_one_line_error(override, message, tmp_path):
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("error:") and message in err[-1], proc.stderr[-1500:]
     assert "Traceback" not in proc.stderr
+    assert message in (tmp_path / "train.log").read_text()  # the job's own log says why it failed
 
 
 @pytest.mark.parametrize("override,message", [("adapter=nope", "Could not find 'adapter/nope'"),
