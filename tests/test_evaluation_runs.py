@@ -133,3 +133,13 @@ def test_adapter_for_another_backbone_is_rejected(trained_adapter):
     model, _ = load_backbone(micro_model_cfg("qwen3"))  # hidden 64, the adapter was trained on hidden 256
     with pytest.raises(CheckpointError, match=r"unexpected tensor .*saved for another backbone\? it names 'tiny_qwen3'"):
         load_adapter(model, trained_adapter)
+
+
+def test_loaded_adapter_can_come_back_trainable(trained_adapter):
+    from comol.adapters import is_adapter_name
+    from comol.config import compose as _compose
+
+    model, _ = load_backbone(_compose([]).model)
+    load_adapter(model, trained_adapter, trainable=True)  # resuming training: PEFT's is_trainable trap
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and trainable == {n for n, _ in model.named_parameters() if is_adapter_name(n)}
