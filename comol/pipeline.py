@@ -20,6 +20,7 @@ from comol.adapters import count_parameters, inject_adapter, load_adapter, save_
 from comol.adapters.inject import read_adapter_config
 from comol.data import SFTDataModule, dataset_splits
 from comol.errors import ConfigError
+from comol.eval.generate import decoding_config
 from comol.eval.runner import run_evaluation
 from comol.io_utils import atomic_write_json, atomic_write_text
 from comol.models import load_backbone
@@ -41,15 +42,15 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
-def finish_loggers(loggers: list) -> None:
+def finish_loggers(loggers: list, failed: bool = False) -> None:
     """Close every logger; ``wandb.finish()`` makes each multirun job its own W&B run."""
     for lg in loggers:
         if lg.__class__.__name__ == "WandbLogger":
             import wandb
 
-            wandb.finish()
+            wandb.finish(exit_code=1 if failed else 0)
         else:
-            lg.finalize("success")
+            lg.finalize("failed" if failed else "success")
 
 
 def write_results(out_dir: Path, results: dict, eval_cfg: dict | None = None) -> Path:
@@ -72,12 +73,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
     raise ConfigError(f"mode={mode!r} is invalid: expected 'train' or 'eval'")
 
 
+def check_eval_config(eval_cfg: dict, tokenizer=None) -> None:
+    """Fail before training, not after it, on decoding settings that generation would reject."""
+    if eval_cfg.get("task", "none") != "none" and eval_cfg.get("sets"):
+        decoding_config(eval_cfg.get("decoding") or {}, int(eval_cfg.get("max_new_tokens", 1)), tokenizer)
+
+
 def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
+    for taken in ("results.json", "adapter"):
+        if (out_dir / taken).exists():
+            raise ConfigError(f"{out_dir} already holds a run ({taken}): a run never overwrites another; "
+                              f"choose another hydra.run.dir / sweep.id")
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
+    check_eval_config(_container(cfg.eval))
     model, tokenizer = load_backbone(cfg.model)
     adapter_cfg = inject_adapter(model, _container(cfg.adapter))
     trainable, total = count_parameters(model)
@@ -89,6 +101,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
     lit = AdapterLM(model, _container(cfg.optim), aux_loss_coeff=adapter_cfg.aux_loss_coeff)
 
     loggers = build_loggers(cfg)
+    ok = False
     try:
         for lg in loggers:
             lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True),
@@ -99,6 +112,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         start = time.time()
         trainer.fit(lit, datamodule=datamodule)
         train_time = time.time() - start
+        model.to(trainer.strategy.root_device)  # fit's teardown moved it to the CPU: generate where we trained
 
         results: dict[str, float] = {
             "params/trainable": trainable,
@@ -114,17 +128,19 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
             log.info("restored the adapter of step %d (%s = %.4f)", keeper.best_step, cfg.select_best, keeper.best)
         if cfg.get("save_adapter", True):
             save_adapter(model, out_dir / "adapter", base_model=_container(cfg.model),
-                         extra={"seed": int(cfg.seed), "run_name": cfg.get("run_name")})
+                         extra={"seed": int(cfg.seed), "run_name": cfg.get("run_name"),
+                                "dataset": _container(cfg.dataset)})
         metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=splits.get("test"))
         results.update(metrics)
         for lg in loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
             if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
                 lg.experiment.summary.update(results)
-        write_results(out_dir, results, _container(cfg.eval))
+        atomic_write_json(out_dir / "results.json", results)
+        ok = True
         return results
     finally:
-        finish_loggers(loggers)
+        finish_loggers(loggers, failed=not ok)
 
 
 def evaluate_saved(cfg: DictConfig) -> dict[str, float]:
@@ -137,18 +153,24 @@ def evaluate_saved(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    check_eval_config(_container(cfg.eval))
     model, tokenizer = load_backbone(model_cfg, device="cuda" if torch.cuda.is_available() else "cpu")
     adapter_cfg = load_adapter(model, adapter_dir)
     toy_rows = None
-    if cfg.dataset.get("source") == "toy_math":
+    trained_on = meta.get("dataset") or {}
+    if trained_on.get("source") == "toy_math":  # held-out rows of the very split the adapter was trained with
+        toy_rows = dataset_splits(trained_on).get("test")
+    elif cfg.dataset.get("source") == "toy_math":
         toy_rows = dataset_splits(_container(cfg.dataset)).get("test")
     loggers = build_loggers(cfg)
+    ok = False
     try:
         metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=toy_rows)
         results = {"adapter_path": str(adapter_dir.resolve()), "adapter": adapter_cfg.name, **metrics}
         for lg in loggers:
             lg.log_metrics(metrics, step=0)
         write_results(out_dir, results, _container(cfg.eval))
+        ok = True
         return results
     finally:
-        finish_loggers(loggers)
+        finish_loggers(loggers, failed=not ok)

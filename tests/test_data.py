@@ -89,3 +89,16 @@ def test_missing_file_and_bad_rows_name_file_and_row(tmp_path):
 def test_real_math14k_validation_file_loads(shared_data):
     rows = load_rows(str(shared_data / "train" / "math_14k_validation.json"))
     assert len(rows) == 486 and sum("The answer is" in r["output"] for r in rows) == 480
+
+
+def test_rows_without_any_target_token_are_dropped():
+    from comol.data import SFTDataModule
+
+    tok = offline_tokenizer()
+    long_row = {"instruction": "word " * 200, "input": "", "output": "The answer is 1."}
+    dm = SFTDataModule({"name": "t", "max_length": 64, "train_on_prompt": False, "batch_size": 2}, tok,
+                       splits={"train": [ROW, long_row], "val": [long_row]})
+    dm.setup()
+    assert len(dm.train_features) == 1 and dm.val_features == []
+    batch = next(iter(dm.train_dataloader()))
+    assert (batch["labels"] != IGNORE_INDEX).any()

@@ -272,13 +272,13 @@ def test_flylora_bias_changes_in_training_steps_only():
     with torch.no_grad():
         lit(batch)  # validation-style forward
     generate_responses(model, tok, ["1 + 1 =", "2 + 2 ="], max_new_tokens=3, decoding={})
-    lit.on_train_batch_end(None, batch, 0)  # even if the hook fired, nothing was counted
+    lit.on_before_optimizer_step(None)  # even if the hook fired, nothing was counted
     assert unchanged()
 
     lit.train()
     lit(batch)
     assert unchanged()  # the forward only counts
-    lit.on_train_batch_end(None, batch, 0)
+    lit.on_before_optimizer_step(None)
     assert not unchanged()
     assert all(m.adapter_router_bias.abs().max() <= 1e-3 + 1e-9 for m in fly_modules(model))
 
@@ -414,3 +414,48 @@ def test_merge_refuses_unmergeable_adapters(adapter, reason):
     with pytest.raises(ComolError) as info:
         merge_adapter(model)
     assert repr(adapter["name"]) in str(info.value) and reason in str(info.value)
+
+
+def test_flylora_bias_moves_once_per_optimizer_step_with_accumulation(tmp_path):
+    """With gradient accumulation the bias update uses the whole step's counts, once per optimizer step."""
+    import lightning as L
+
+    from comol.data import SFTDataModule, generate_toy_math
+
+    model, tok = micro()
+    inject_adapter(model, {"name": "flylora", "r": 8, "top_k": 2, "bias_lr": 1e-3})
+    rows = generate_toy_math(16, seed=5)
+    dm = SFTDataModule({"batch_size": 4, "max_length": 64, "train_on_prompt": True}, tok,
+                       splits={"train": rows, "val": []})
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(AdapterLM(model, {"lr": 1e-3}), datamodule=dm)
+    assert trainer.global_step == 2
+    for m in fly_modules(model):  # 2 optimizer steps -> at most 2 updates of size 1e-3
+        assert m.adapter_router_bias.abs().max() <= 2e-3 + 1e-9
+        assert ((m.adapter_router_bias * 1000).round() - m.adapter_router_bias * 1000).abs().max() < 1e-4
+
+
+def test_aux_loss_gradients_survive_gradient_checkpointing():
+    """The padding mask outlives the forward call, so checkpointed re-runs route like the forward."""
+    import copy
+
+    model, tok = micro()
+    inject_adapter(model, {"name": "mola", "r": 4, "num_experts": 4, "top_k": 2, "dropout": 0.0,
+                           "aux_loss_coeff": 0.5})
+    batch = toy_batch(tok)
+    assert (batch["attention_mask"] == 0).any()  # there is padding to exclude
+    grads = []
+    for checkpointing in (False, True):
+        m = copy.deepcopy(model).train()
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lit = AdapterLM(m, {"lr": 1e-3}, aux_loss_coeff=0.5)
+        out = lit(batch)
+        (out.loss + 0.5 * aux_loss(m)).backward()
+        lit.on_train_batch_end(None, batch, 0)
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)

@@ -14,6 +14,7 @@ import torch
 
 from comol import ROOT
 from comol.config import compose
+from comol.errors import ConfigError
 from comol.pipeline import run
 
 FAST = ["trainer=debug", "eval.limit=8", "dataset.train_size=128", "dataset.val_size=16"]
@@ -66,7 +67,8 @@ def test_comol_without_core_router_16_experts(tmp_path):
 
 
 def test_eval_mode_reloads_saved_adapter_and_reproduces_scores(tmp_path):
-    trained = run_in(tmp_path / "train", "logger=none")
+    trained = run_in(tmp_path / "train", "logger=none", "dataset.data_seed=99")
+    # the held-out rows come from the dataset the adapter was trained with, not the current default
     again = run_in(tmp_path / "eval", "logger=none", "mode=eval", f"adapter_path={tmp_path / 'train' / 'adapter'}")
     assert again["eval/math/toy_math/acc"] == trained["eval/math/toy_math/acc"]
     a = (tmp_path / "train" / "predictions" / "toy_math.jsonl").read_text()
@@ -145,3 +147,25 @@ def test_select_best_restores_adapter_of_lowest_val_loss(tmp_path):
     with torch.no_grad():
         loss = model.eval()(**batch).loss.item()
     assert loss == pytest.approx(best_loss, rel=1e-4) and best_loss < vals[-1][0]
+
+
+def test_a_run_dir_is_never_reused(tmp_path):
+    run_in(tmp_path, "logger=none", "eval=none")
+    with pytest.raises(ConfigError, match=r"already holds a run \(results\.json\)"):
+        run_in(tmp_path, "logger=none", "eval=none")
+
+
+def test_bad_decoding_fails_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval\.decoding\.num_samples=2 is invalid with do_sample=false"):
+        run_in(tmp_path, "logger=none", "eval.decoding.num_samples=2")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    run_in(tmp_path, "logger=none", "eval.limit=2")
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (tmp_path / "results.json", tmp_path / "adapter" / "adapter_config.json",
+                 tmp_path / "predictions" / "toy_math.jsonl"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~mask

@@ -256,3 +256,20 @@ def test_wandb_is_offline_by_default_and_online_with_one_override():
     assert compose(["sweep=table2", "logger.wandb.mode=online"]).logger.wandb.mode == "online"
     single = compose([])
     assert single.logger.wandb.group is None  # a single run has no group
+
+
+def test_every_experiment_preset_builds_a_lightning_trainer(tmp_path):
+    """Catches trainer settings Lightning rejects (e.g. a float val_check_interval without epochs)."""
+    from hydra.utils import instantiate
+
+    from comol import CONF_DIR
+    from comol.config import compose
+
+    presets = sorted(str(p.relative_to(CONF_DIR / "experiment").with_suffix(""))
+                     for p in (CONF_DIR / "experiment").rglob("*.yaml") if "recipe" not in p.parts)
+    assert len(presets) >= 30
+    for preset in presets:
+        cfg = compose([f"experiment={preset}"])
+        cfg.trainer.accelerator, cfg.trainer.precision = "cpu", "32-true"  # CI has no GPU
+        trainer = instantiate(cfg.trainer, logger=False, default_root_dir=str(tmp_path))
+        assert trainer.accumulate_grad_batches == 4, preset

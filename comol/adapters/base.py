@@ -211,6 +211,17 @@ def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
         _TOKEN_MASK[0] = previous
 
 
+def set_token_mask(mask: torch.Tensor | None) -> None:
+    """Set the mask without a scope: it must outlive the forward call when gradient checkpointing
+    re-runs layers during backward. The caller clears it (``set_token_mask(None)``) after the step."""
+    _TOKEN_MASK[0] = None if mask is None else mask.bool()
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a checkpointed layer's forward being re-run)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def current_token_mask(x: torch.Tensor) -> torch.Tensor | None:
     """The active mask flattened to ``x``'s tokens (``x.shape[:-1]``), or None if absent/mismatched."""
     mask = _TOKEN_MASK[0]

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from comol.adapters.base import AdapterLinear, LowRankConfig, current_token_mask, register_adapter
+from comol.adapters.base import AdapterLinear, LowRankConfig, current_token_mask, in_backward, register_adapter
 from comol.adapters.routing import topk_mask
 from comol.errors import config_check
 
@@ -88,7 +88,7 @@ class FlyLoraLinear(AdapterLinear):
         rows = x.reshape(-1, self.in_features)
         a = F.linear(self.adapter_dropout(rows), self.adapter_A.to(rows.dtype))  # [T, r]
         selected = self.select(a)
-        if self.training:
+        if self.training and not in_backward():  # a checkpointed re-run must not count twice
             self._count(selected, current_token_mask(x))
         y = F.linear(a * selected.to(a.dtype), self.adapter_B)
         return (y * self.scaling).reshape(*lead, self.out_features)

@@ -20,7 +20,7 @@ from torch import nn
 
 from comol.adapters.base import AdapterConfig, build_adapter_config, is_adapter_name
 from comol.errors import CheckpointError, ComolError
-from comol.io_utils import atomic_write_json, replace_dir
+from comol.io_utils import atomic_write_json, normal_permissions, replace_dir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -83,6 +83,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: Mappi
     try:
         tensors = adapter_state_dict(model)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        normal_permissions(tmp, directory=True)
         trainable, total = count_parameters(model)
         atomic_write_json(tmp / CONFIG_FILE, {
             "format": FORMAT,

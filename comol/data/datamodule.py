@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import lightning as L
@@ -14,6 +15,7 @@ from comol.data.toy_math import toy_math_splits
 from comol.errors import ConfigError
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 def encode_example(row: Mapping[str, Any], tokenizer, max_length: int, train_on_prompt: bool = True) -> dict:
@@ -78,10 +80,19 @@ class SFTDataModule(L.LightningDataModule):
             self.splits = dataset_splits(self.cfg)
         enc = lambda rows: [encode_example(r, self.tokenizer, self.cfg["max_length"], self.cfg["train_on_prompt"])  # noqa: E731
                             for r in rows]
-        self.train_features = enc(self.splits["train"])
-        self.val_features = enc(self.splits.get("val", []))
+        self.train_features = self._learnable(enc(self.splits["train"]), "train")
+        self.val_features = self._learnable(enc(self.splits.get("val", [])), "val")
         if not self.train_features:
             raise ConfigError(f"dataset={self.cfg.get('name')}: the training split is empty")
+
+    def _learnable(self, feats: list[dict], split: str) -> list[dict]:
+        """Drop rows with no target token left (prompt longer than max_length with train_on_prompt=false):
+        they would give a 0/0 loss."""
+        kept = [f for f in feats if any(label != IGNORE_INDEX for label in f["labels"])]
+        if len(kept) < len(feats):
+            log.warning("dataset=%s %s: dropped %d of %d rows whose prompt fills dataset.max_length=%d",
+                        self.cfg.get("name"), split, len(feats) - len(kept), len(feats), self.cfg["max_length"])
+        return kept
 
     def _loader(self, feats: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 
+from comol.errors import ConfigError
+
 NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jin", "Kai", "Lea"]
 ITEMS = ["apples", "books", "coins", "pens", "shells", "stamps", "cards", "eggs", "marbles", "plums"]
 
@@ -32,7 +34,7 @@ def _problem(rng: random.Random, max_operand: int) -> dict:
 def generate_toy_math(n: int, seed: int = 0, max_operand: int = 9, exclude: set[str] | None = None) -> list[dict]:
     """``n`` distinct problems from a seeded RNG (same seed -> same rows), skipping ``exclude`` instructions."""
     if n < 0:
-        raise ValueError(f"toy_math: n={n} must be >= 0")
+        raise ConfigError(f"dataset.train_size/val_size/test_size={n} is invalid: expected >= 0")
     rng = random.Random(seed)
     seen = set(exclude or ())
     rows: list[dict] = []
@@ -40,7 +42,7 @@ def generate_toy_math(n: int, seed: int = 0, max_operand: int = 9, exclude: set[
     while len(rows) < n:
         attempts += 1
         if attempts > 50 * n + 1000:
-            raise ValueError(f"toy_math: cannot make {n} distinct problems with max_operand={max_operand}")
+            raise ConfigError(f"dataset.max_operand={max_operand} is too small for {n} distinct toy_math problems")
         row = _problem(rng, max_operand)
         if row["instruction"] in seen:
             continue

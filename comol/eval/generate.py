@@ -8,6 +8,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from comol.errors import ConfigError
+
 
 def decoding_config(decoding: Mapping[str, Any], max_new_tokens: int, tokenizer) -> GenerationConfig:
     """A complete GenerationConfig: every field we rely on is set, so a model's own
@@ -15,9 +17,10 @@ def decoding_config(decoding: Mapping[str, Any], max_new_tokens: int, tokenizer)
     sample = bool(decoding.get("do_sample", False))
     n = int(decoding.get("num_samples", 1))
     if n < 1:
-        raise ValueError(f"eval.decoding.num_samples={n} is invalid: expected >= 1")
+        raise ConfigError(f"eval.decoding.num_samples={n} is invalid: expected >= 1")
     if not sample and n > 1:
-        raise ValueError("eval.decoding.num_samples > 1 needs eval.decoding.do_sample=true (greedy gives one answer)")
+        raise ConfigError(f"eval.decoding.num_samples={n} is invalid with do_sample=false: greedy decoding gives one "
+                          f"answer (set eval.decoding.do_sample=true)")
     return GenerationConfig(
         max_new_tokens=int(max_new_tokens),
         do_sample=sample,
@@ -27,8 +30,8 @@ def decoding_config(decoding: Mapping[str, Any], max_new_tokens: int, tokenizer)
         top_p=float(decoding.get("top_p", 1.0)) if sample else 1.0,
         top_k=0 if sample else None,
         repetition_penalty=1.0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        eos_token_id=getattr(tokenizer, "eos_token_id", None),
         use_cache=True,
     )
 

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 
 from comol.adapters import adapter_state_dict
+from comol.errors import ConfigError
 
 
 class BestAdapterKeeper(L.Callback):
@@ -14,7 +15,7 @@ class BestAdapterKeeper(L.Callback):
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min"):
         if mode not in ("min", "max"):
-            raise ValueError(f"select_best mode={mode!r}: expected min or max")
+            raise ConfigError(f"select_best mode={mode!r} is invalid: expected min or max")
         self.monitor, self.mode = monitor, mode
         self.best: float | None = None
         self.best_step: int | None = None

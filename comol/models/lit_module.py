@@ -8,8 +8,8 @@ import lightning as L
 import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from comol.adapters import aux_loss, is_adapter_name, token_mask
-from comol.adapters.base import clear_aux_loss
+from comol.adapters import aux_loss, is_adapter_name
+from comol.adapters.base import clear_aux_loss, set_token_mask
 from comol.errors import ConfigError
 
 SCHEDULES = ("constant", "cosine")
@@ -29,8 +29,10 @@ class AdapterLM(L.LightningModule):
 
     def forward(self, batch: Mapping[str, torch.Tensor]):
         clear_aux_loss(self.model)
-        with token_mask(batch["attention_mask"]):
-            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        # The padding mask stays set until the batch is done (not just this call): with gradient
+        # checkpointing, layers are re-run during backward and must see the same mask.
+        set_token_mask(batch["attention_mask"])
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
     def training_step(self, batch, batch_idx):
         out = self(batch)
@@ -46,7 +48,14 @@ class AdapterLM(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # State updates outside the optimizer (e.g. FlyLoRA's routing bias) run in training only.
+        set_token_mask(None)
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        set_token_mask(None)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # State updates outside the optimizer (e.g. FlyLoRA's routing bias) run once per optimizer
+        # step (after all micro-batches of a gradient-accumulation cycle), in training only.
         for module in self.model.modules():
             hook = getattr(module, "after_train_step", None)
             if callable(hook) and module is not self.model:
