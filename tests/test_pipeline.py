@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,11 @@ def test_wandb_offline_run_has_curve_and_config(tmp_path):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     (history,) = runs[0].glob("run-*.wandb")
-    data = history.read_bytes()  # protobuf records: keys and string values appear verbatim
+    for _ in range(50):  # the W&B service writes the file from another process: give it a moment
+        data = history.read_bytes()  # protobuf records: keys and string values appear verbatim
+        if b"eval/math/toy_math/acc" in data:
+            break
+        time.sleep(0.2)
     assert data.count(b"train/loss") >= 5  # one record per logged step (trainer=debug logs every step)
     for needle in (b"params/trainable", b"tiny_llama", b"eval/math/toy_math/acc", b"val/loss"):
         assert needle in data, needle
