@@ -18,6 +18,21 @@ def micro_model_cfg(family: str = "qwen3", **arch) -> dict:
             "dtype": "float32", "init_seed": 0, "arch": {**MICRO_ARCH, **arch}}
 
 
+_MICRO_CACHE: dict = {}
+
+
+def fresh_micro_model(family: str = "qwen3"):
+    """(a deep copy of a cached micro backbone in eval mode, its tokenizer): cheap per test."""
+    import copy
+
+    from comol.models import load_backbone
+
+    if family not in _MICRO_CACHE:
+        _MICRO_CACHE[family] = load_backbone(micro_model_cfg(family))
+    model, tok = _MICRO_CACHE[family]
+    return copy.deepcopy(model).eval(), tok
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import importlib
 import pathlib
 import sys
 
 import pytest
 import torch
-from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from adapter_cases import AdapterCase, randomize_adapter_  # noqa: E402
-from conftest import micro_model_cfg  # noqa: E402
+from conftest import fresh_micro_model, micro_model_cfg  # noqa: E402
 
 from comol.adapters import (  # noqa: E402
     AdapterLinear,
@@ -27,7 +25,6 @@ from comol.adapters import (  # noqa: E402
 )
 from comol.adapters.base import aux_loss  # noqa: E402
 from comol.data import collate_left, encode_example, generate_toy_math  # noqa: E402
-from comol.models import load_backbone  # noqa: E402
 
 
 def _all_cases() -> list[AdapterCase]:
@@ -41,14 +38,7 @@ CASES = _all_cases()
 LINEAR_CASES = [c for c in CASES if c.naive is not None]
 FAMILY_CASES = [pytest.param(c, fam, id=f"{c.id}-{fam}") for c in CASES for fam in c.families]
 
-_BASE_CACHE: dict[str, tuple[nn.Module, object]] = {}
-
-
-def fresh_model(family: str = "qwen3"):
-    if family not in _BASE_CACHE:
-        _BASE_CACHE[family] = load_backbone(micro_model_cfg(family))
-    model, tok = _BASE_CACHE[family]
-    return copy.deepcopy(model).eval(), tok
+fresh_model = fresh_micro_model
 
 
 def batch_for(tok, n=4):

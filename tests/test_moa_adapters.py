@@ -8,7 +8,6 @@ with the KV cache; gradient checkpointing; fp32 routers; invalid settings; unsup
 
 from __future__ import annotations
 
-import copy
 import pathlib
 import sys
 
@@ -19,21 +18,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from adapter_cases import randomize_adapter_  # noqa: E402
-from conftest import micro_model_cfg  # noqa: E402
+from conftest import fresh_micro_model  # noqa: E402
 
 from comol.adapters import build_adapter_config, inject_adapter, is_adapter_name, token_mask  # noqa: E402
 from comol.errors import ConfigError  # noqa: E402
-from comol.models import load_backbone  # noqa: E402
 
 FAMILIES = ("qwen3", "llama")
-_BASE: dict[str, tuple] = {}
-
-
-def fresh(family: str):
-    if family not in _BASE:
-        _BASE[family] = load_backbone(micro_model_cfg(family))
-    model, tok = _BASE[family]
-    return copy.deepcopy(model).eval(), tok
+fresh = fresh_micro_model
 
 
 # --- the naive block formula ------------------------------------------------------------------

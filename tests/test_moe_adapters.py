@@ -15,7 +15,7 @@ from torch import nn
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from cases_moe import naive_flylora  # noqa: E402
-from conftest import micro_model_cfg  # noqa: E402
+from conftest import fresh_micro_model  # noqa: E402
 
 from comol.adapters import build_adapter_config, inject_adapter, token_mask  # noqa: E402
 from comol.adapters.base import AdapterLinear, aux_loss, clear_aux_loss  # noqa: E402
@@ -23,17 +23,9 @@ from comol.adapters.merge import merge_adapter, unmerge_adapter  # noqa: E402
 from comol.adapters.routing import load_balancing_loss  # noqa: E402
 from comol.data import collate_left, encode_example, generate_toy_math  # noqa: E402
 from comol.errors import ComolError, ConfigError  # noqa: E402
-from comol.models import load_backbone  # noqa: E402
 from comol.models.lit_module import AdapterLM  # noqa: E402
 
-_BASE: dict[str, tuple] = {}
-
-
-def micro(family="qwen3"):
-    if family not in _BASE:
-        _BASE[family] = load_backbone(micro_model_cfg(family))
-    model, tok = _BASE[family]
-    return copy.deepcopy(model).eval(), tok
+micro = fresh_micro_model
 
 
 def toy_batch(tok, n=4):
