@@ -1,42 +1,9 @@
-"""Entry point: `python run.py [group=option ...] [key=value ...]` (Hydra). See README."""
+"""Entry point from a checkout: `python run.py [group=option ...] [key=value ...]` (Hydra). See README.
 
-import sys
-from pathlib import Path
+The same command is `python -m comol ...` or `comol-run ...` once the package is installed.
+"""
 
-import hydra
-from omegaconf import DictConfig
-
-import comol.config  # noqa: F401  (registers the ${comol_root:} resolver)
-from comol.errors import ComolError
-
-
-def _note_in_job_log(cfg: DictConfig, line: str) -> None:
-    """Append the failure to the job's own log (reports of a sweep read it to say why a job failed)."""
-    try:
-        with open(Path(cfg.paths.output_dir) / f"{cfg.task_name}.log", "a", encoding="utf-8") as f:
-            f.write(line.splitlines()[0] + "\n")
-    except Exception:  # noqa: BLE001 - never hide the real error behind a logging problem
-        pass
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    from comol.pipeline import run
-
-    try:
-        metrics = run(cfg)
-    except ComolError as e:
-        _note_in_job_log(cfg, f"error: {e}")
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # unexpected: keep the traceback, but leave the reason in the job's log too
-        _note_in_job_log(cfg, f"error: {type(e).__name__}: {e}")
-        raise
-    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k.startswith(("eval/", "params/"))}
-    print(f"results ({cfg.paths.output_dir}): {shown}")
-    # a scalar for Hydra sweepers that optimise something: the first mean accuracy / pass@1 found
-    return next((v for k, v in metrics.items() if k.endswith(("mean_acc", "pass@1"))), None)
-
+from comol.main import main
 
 if __name__ == "__main__":
     main()

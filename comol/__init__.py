@@ -4,6 +4,8 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-#: Repository root (the folder holding run.py and conf/) when comol runs from a checkout.
-ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "conf"
+#: The installed package folder (holds conf/, the Hydra config tree, in a checkout and in a wheel).
+PACKAGE_DIR = Path(__file__).resolve().parent
+#: Repository root (the folder holding run.py and data/) when comol runs from a checkout.
+ROOT = PACKAGE_DIR.parent
+CONF_DIR = PACKAGE_DIR / "conf"

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from comol import CONF_DIR, ROOT
+from comol.eval.eval_files import default_data_dir
+
+
+def project_root() -> str:
+    """Where runs write ``outputs/``: the checkout (the folder holding run.py), else the working dir
+    (an installed wheel must not write into site-packages)."""
+    return str(ROOT if (ROOT / "run.py").is_file() else Path.cwd())
 
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("comol_root"):
-        OmegaConf.register_new_resolver("comol_root", lambda: str(ROOT))
+        OmegaConf.register_new_resolver("comol_root", project_root)
+    if not OmegaConf.has_resolver("comol_data_dir"):  # $COMOL_DATA_DIR, else the bundled data/
+        OmegaConf.register_new_resolver("comol_data_dir", lambda: str(default_data_dir()))
 
 
 register_resolvers()

@@ -41,11 +41,11 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def shared_data():
-    """The real benchmark files (README: set COMOL_DATA_DIR; default ../shared/data)."""
-    from comol.eval.eval_files import require_shared_data_dir
+    """The real benchmark files: the repository's data/ (COMOL_DATA_DIR overrides)."""
+    from comol.eval.eval_files import require_data_dir
 
     try:
-        return require_shared_data_dir()
+        return require_data_dir()
     except FileNotFoundError as e:
         pytest.fail(str(e))
 

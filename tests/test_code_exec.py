@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from comol.eval.code_exec import (
+from comol.tools.sandbox import (
     ExecResult,
     build_program,
     describe_sandbox,
@@ -24,7 +24,7 @@ from comol.eval.code_exec import (
     evaluate_programs,
     run_program,
 )
-from comol.eval.eval_files import humaneval_file, load_humaneval, require_shared_data_dir
+from comol.eval.eval_files import humaneval_file, load_humaneval, require_data_dir
 
 SANDBOX = describe_sandbox()
 HAS_NAMESPACES = SANDBOX["isolation"] == "namespaces"
@@ -34,7 +34,7 @@ ISOLATIONS = ["auto", "none"] if HAS_NAMESPACES else ["none"]
 @pytest.fixture(scope="module")
 def problems():
     try:
-        data_dir = require_shared_data_dir()
+        data_dir = require_data_dir()
     except FileNotFoundError as e:
         pytest.fail(str(e))
     return load_humaneval(humaneval_file(data_dir))
@@ -375,7 +375,7 @@ def test_sandbox_folder_is_removed(sandbox_root):
 
 
 def test_exit_status_classification():
-    from comol.eval.code_exec import _classify
+    from comol.tools.sandbox import _classify
 
     assert _classify(0, False, 3.0, "") == ("passed", "")
     assert _classify(0, True, 3.0, "")[0] == "timeout"

@@ -1,4 +1,4 @@
-"""Loading and validating evaluation files; locating the shared reference data."""
+"""Loading and validating evaluation files; locating the bundled data folder."""
 
 from __future__ import annotations
 
@@ -16,24 +16,25 @@ from comol.eval.eval_files import (
     load_eval_rows,
     load_humaneval,
     math_file,
-    require_shared_data_dir,
-    shared_data_dir,
+    default_data_dir,
+    require_data_dir,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_shared_data_dir_env_and_default(monkeypatch, tmp_path):
+def test_data_dir_env_and_default(monkeypatch, tmp_path):
     monkeypatch.setenv("COMOL_DATA_DIR", str(tmp_path))
-    assert shared_data_dir() == tmp_path
+    assert default_data_dir() == tmp_path
     monkeypatch.delenv("COMOL_DATA_DIR")
-    assert shared_data_dir() == REPO.parent / "shared" / "data"
+    assert default_data_dir() == REPO / "data"
+    assert (REPO / "data" / "eval" / "math" / "gsm8k.json").is_file()
 
 
 def test_missing_data_dir_says_how_to_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("COMOL_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=r"nowhere.*set COMOL_DATA_DIR"):
-        require_shared_data_dir()
+        require_data_dir()
 
 
 def test_missing_file_names_path(tmp_path):
@@ -131,8 +132,8 @@ def test_real_files_load_with_documented_counts(data_dir):
     assert all(p["canonical_solution"] for p in problems)
 
 
-def test_default_paths_follow_shared_data_dir(monkeypatch, tmp_path):
-    monkeypatch.setattr(eval_files, "shared_data_dir", lambda: tmp_path)
+def test_default_paths_follow_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setattr(eval_files, "data_dir", lambda: tmp_path)
     assert math_file("gsm8k") == tmp_path / "eval" / "math" / "gsm8k.json"
     assert commonsense_file("boolq") == tmp_path / "eval" / "commonsense" / "boolq.json"
     assert humaneval_file() == tmp_path / "eval" / "code" / "humaneval.jsonl"

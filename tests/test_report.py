@@ -17,8 +17,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from comol import ROOT
-from comol.report import report
-from comol.sweeps import _sel, expand
+from comol.tools.report import report
+from comol.tools.sweeps import _sel, expand
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -121,7 +121,7 @@ def test_report_lists_missing_and_failed_jobs_and_leaves_them_out(tiny_sweep, tm
     (jobs[0] / "results.json").unlink()              # crashed
     with open(jobs[0] / "train.log", "a") as f:
         f.write("[x][comol][ERROR] - RuntimeError: CUDA out of memory\n")
-    proc = subprocess.run([sys.executable, "-m", "comol.report", str(broken), "--strict"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "comol.tools.report", str(broken), "--strict"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     md = (broken / "report" / "table.md").read_text()
@@ -214,6 +214,6 @@ def test_rank_sweep_plots_one_line_per_method(tmp_path):
 
 
 def test_report_errors_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "comol.report", str(tmp_path / "nope")], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "comol.tools.report", str(tmp_path / "nope")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: sweep dir {tmp_path / 'nope'} does not exist"

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from comol import CONF_DIR, ROOT
 from comol.adapters import build_adapter_config
 from comol.config import compose
-from comol.sweeps import available_sweeps, expand as _expand
+from comol.tools.sweeps import available_sweeps, expand as _expand
 
 
 @functools.lru_cache(maxsize=None)
@@ -205,21 +205,21 @@ def test_tiny_twin_has_the_same_jobs_on_a_tiny_backbone(sweep):
 
 
 def test_dry_run_cli_lists_every_job():
-    proc = subprocess.run([sys.executable, "-m", "comol.sweeps", "table2"], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "comol.tools.sweeps", "table2"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("sweep table2: 27 jobs")
     body = [l for l in lines[3:] if l.strip()]
     assert len(body) == 27 and "CoMoL w/o CR" in proc.stdout and "comol-r16-N8-qwen3_8b-s1225" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "comol.sweeps", "table5", "seed=0", "--json"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "comol.tools.sweeps", "table5", "seed=0", "--json"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     jobs = json.loads(proc.stdout)
     assert len(jobs) == 8 and {j["adapter"]["num_experts"] for j in jobs} == {8, 16, 32, 64}
 
 
 def test_unknown_sweep_is_one_line_error():
-    proc = subprocess.run([sys.executable, "-m", "comol.sweeps", "table9"], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "comol.tools.sweeps", "table9"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: sweep 'table9' not found")
 

@@ -13,8 +13,10 @@ from typing import Iterable, Sequence
 from comol.data.loading import check_rows, read_json_rows
 from comol.errors import DataError
 
-#: Environment variable pointing at the shared reference data (``eval/``, ``train/``).
+#: Environment variable pointing at another data folder (``eval/``, ``train/``) than the bundled one.
 DATA_ENV_VAR = "COMOL_DATA_DIR"
+#: The evaluation sets and validation splits shipped with the repository (see data/README.md).
+BUNDLED_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 
 #: Fields every HumanEval problem must carry (``canonical_solution`` is optional).
 HUMANEVAL_FIELDS = ("task_id", "prompt", "entry_point", "test")
@@ -25,26 +27,23 @@ COMMONSENSE_SETS = (
 )
 
 
-def shared_data_dir() -> Path:
-    """The reference data folder: ``$COMOL_DATA_DIR``, else ``<repo>/../shared/data``.
+def default_data_dir() -> Path:
+    """The data folder: ``$COMOL_DATA_DIR`` when set, else the repository's bundled ``data/``.
 
-    ``<repo>`` is the folder holding the ``comol`` package. The folder is returned even if it
-    does not exist; callers that need it should use :func:`require_shared_data_dir`.
+    The folder is returned even if it does not exist; callers that need it use
+    :func:`require_data_dir`.
     """
     env = os.environ.get(DATA_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[2]
-    return repo.parent / "shared" / "data"
+    return Path(env).expanduser() if env else BUNDLED_DATA_DIR
 
 
-def require_shared_data_dir() -> Path:
-    """Like :func:`shared_data_dir` but raise ``FileNotFoundError`` if the folder is missing."""
-    path = shared_data_dir()
+def require_data_dir() -> Path:
+    """Like :func:`default_data_dir` but raise ``FileNotFoundError`` if the folder is missing."""
+    path = default_data_dir()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"reference data folder {path} not found: set {DATA_ENV_VAR} to the folder holding "
-            "eval/math, eval/commonsense and eval/code (e.g. ../shared/data)"
+            f"data folder {path} not found: it ships with a git checkout of comol (data/); "
+            f"set {DATA_ENV_VAR} to a folder holding eval/math, eval/commonsense and eval/code"
         )
     return path
 
@@ -81,14 +80,14 @@ def load_humaneval(path: str | os.PathLike) -> list[dict]:
 
 def math_file(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     """Path of a math evaluation set, e.g. ``math_file("gsm8k")``."""
-    return Path(data_dir or shared_data_dir()) / "eval" / "math" / f"{name}.json"
+    return Path(data_dir or default_data_dir()) / "eval" / "math" / f"{name}.json"
 
 
 def commonsense_file(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     """Path of a commonsense evaluation set, e.g. ``commonsense_file("boolq")``."""
-    return Path(data_dir or shared_data_dir()) / "eval" / "commonsense" / f"{name}.json"
+    return Path(data_dir or default_data_dir()) / "eval" / "commonsense" / f"{name}.json"
 
 
 def humaneval_file(data_dir: str | os.PathLike | None = None) -> Path:
     """Path of ``eval/code/humaneval.jsonl``."""
-    return Path(data_dir or shared_data_dir()) / "eval" / "code" / "humaneval.jsonl"
+    return Path(data_dir or default_data_dir()) / "eval" / "code" / "humaneval.jsonl"

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 from comol.data.prompts import build_prompt
 from comol.errors import ConfigError
 from comol.eval.commonsense_scoring import score_commonsense_row
-from comol.eval.code_exec import evaluate_humaneval
+from comol.tools.sandbox import evaluate_humaneval
 from comol.eval.eval_files import load_eval_rows, load_humaneval
 from comol.eval.generate import generate_responses
 from comol.eval.math_scoring import extract_last_number, is_aqua, math_correct, score_math_row

@@ -1,8 +1,8 @@
 """Training-step time and peak memory of adapters on one backbone, measured side by side in one process.
 
-    python -m comol.bench                       # LoRA r16, CoMoL r16 N=8/64, naive CoMoL N=8/64
-    python -m comol.bench --all                 # + every adapter preset in conf/adapter
-    python -m comol.bench --hidden 1024 --layers 4 --batch 4 --seq 256
+    python -m comol.tools.bench                       # LoRA r16, CoMoL r16 N=8/64, naive CoMoL N=8/64
+    python -m comol.tools.bench --all                 # + every adapter preset in conf/adapter
+    python -m comol.tools.bench --hidden 1024 --layers 4 --batch 4 --seq 256
 
 Step = forward + backward + AdamW step on a random-init Qwen3 built from the given architecture.
 A second table times one adapted Linear alone (forward + backward), where the adapter's own cost is

@@ -451,7 +451,7 @@ def evaluate_humaneval(
 
 
 # --------------------------------------------------------------------------------------
-# Child side: runs as ``python -I -B code_exec.py CONFIG_JSON`` inside the sandbox.
+# Child side: runs as ``python -I -B sandbox.py CONFIG_JSON`` inside the sandbox.
 # --------------------------------------------------------------------------------------
 
 

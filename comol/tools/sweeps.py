@@ -1,10 +1,10 @@
 """Paper sweeps: list their jobs without running them (a dry run), and keep one W&B group per launch.
 
-    python -m comol.sweeps                          # the sweeps in conf/sweep/ with their job counts
-    python -m comol.sweeps table2                   # every job of `python run.py sweep=table2`, key hyperparameters
-    python -m comol.sweeps table5 seed=0            # the same overrides you would give run.py
-    python -m comol.sweeps table2 --json            # machine-readable
-    python -m comol.sweeps table2 --cfg             # each job's full config (like `run.py --cfg job`, per job)
+    python -m comol.tools.sweeps                          # the sweeps in conf/sweep/ with their job counts
+    python -m comol.tools.sweeps table2                   # every job of `python run.py sweep=table2`, key hyperparameters
+    python -m comol.tools.sweeps table5 seed=0            # the same overrides you would give run.py
+    python -m comol.tools.sweeps table2 --json            # machine-readable
+    python -m comol.tools.sweeps table2 --cfg             # each job's full config (like `run.py --cfg job`, per job)
 
 Hydra's own ``python run.py -m sweep=table2 --cfg job`` prints one config (the sweep's base), not the jobs.
 This module expands the sweep exactly as Hydra's basic sweeper does (``hydra.sweeper.params`` first, then
@@ -45,7 +45,7 @@ class SweepCallback(Callback):
             log.info("sweep %s: W&B group %s", OmegaConf.select(config, "sweep.name"), group)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        log.info("sweep done; table: python -m comol.report %s", config.hydra.sweep.dir)
+        log.info("sweep done; table: python -m comol.tools.report %s", config.hydra.sweep.dir)
 
 
 def pin_sweep_id(config: DictConfig) -> str | None:

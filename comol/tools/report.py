@@ -1,8 +1,8 @@
 """Turn a finished sweep into the paper's table (and, for expert/rank sweeps, its plots).
 
-    python -m comol.report outputs/sweeps/table2/<id>            # -> <id>/report/{table.md, table.csv, jobs.csv}
-    python -m comol.report outputs/sweeps/table5/<id> --out DIR  # + accuracy_vs_N.png, params_vs_N.png
-    python -m comol.report <sweep dir> --strict                  # exit 1 when a job is missing or failed
+    python -m comol.tools.report outputs/sweeps/table2/<id>            # -> <id>/report/{table.md, table.csv, jobs.csv}
+    python -m comol.tools.report outputs/sweeps/table5/<id> --out DIR  # + accuracy_vs_N.png, params_vs_N.png
+    python -m comol.tools.report <sweep dir> --strict                  # exit 1 when a job is missing or failed
 
 Reads every job's ``results.json`` (and its config) under the sweep dir. Rows are methods (the config's
 ``method``, set by the experiment presets), plus the swept expert count N or rank r when a method has several;
@@ -107,7 +107,7 @@ def _expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     multirun = sweep_dir / "multirun.yaml"
     if not multirun.is_file():
         return None
-    from comol.sweeps import overrides_from_multirun_yaml
+    from comol.tools.sweeps import overrides_from_multirun_yaml
 
     return overrides_from_multirun_yaml(multirun)
 
@@ -117,7 +117,7 @@ def _compose_missing(sweep_dir: Path, overrides: list[str]) -> dict:
     try:
         from omegaconf import OmegaConf
 
-        from comol.sweeps import _hydra
+        from comol.tools.sweeps import _hydra
 
         master = OmegaConf.load(sweep_dir / "multirun.yaml")
         with _hydra() as (_, loader):
@@ -489,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args[i + 1]
         del args[i:i + 2]
     if len(args) != 1:
-        print("error: expected one sweep dir: python -m comol.report <sweep dir> [--out DIR] [--strict]", file=sys.stderr)
+        print("error: expected one sweep dir: python -m comol.tools.report <sweep dir> [--out DIR] [--strict]", file=sys.stderr)
         return 2
     try:
         result = report(args[0], out)
