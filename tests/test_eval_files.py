@@ -133,7 +133,7 @@ def test_real_files_load_with_documented_counts(data_dir):
 
 
 def test_default_paths_follow_data_dir(monkeypatch, tmp_path):
-    monkeypatch.setattr(eval_files, "data_dir", lambda: tmp_path)
+    monkeypatch.setattr(eval_files, "default_data_dir", lambda: tmp_path)
     assert math_file("gsm8k") == tmp_path / "eval" / "math" / "gsm8k.json"
     assert commonsense_file("boolq") == tmp_path / "eval" / "commonsense" / "boolq.json"
     assert humaneval_file() == tmp_path / "eval" / "code" / "humaneval.jsonl"
