@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from comol.adapters import count_parameters, inject_adapter, load_adapter, save_adapter
+from comol.adapters import adapter_context, count_parameters, inject_adapter, load_adapter, save_adapter
 from comol.adapters.inject import read_adapter_config
 from comol.data import SFTDataModule, dataset_splits
 from comol.errors import ConfigError
@@ -64,6 +64,16 @@ def write_results(out_dir: Path, results: dict, eval_cfg: dict | None = None) ->
     return atomic_write_json(path, {**old, **results})
 
 
+def evaluate_with_routing(model, tokenizer, cfg: DictConfig, out_dir: Path, toy_rows=None) -> dict[str, float]:
+    """``run_evaluation`` plus, for routed adapters, the routing summaries over the evaluation forwards
+    (``routing/mean_entropy``, ``routing/dead_experts``, ``routing/max_load_ratio``)."""
+    if not cfg.routing_stats:
+        return run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=toy_rows)
+    with adapter_context(model).routing.collecting() as stats:
+        metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=toy_rows)
+        return {**metrics, **stats.summary(per_module=False)}
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     mode = cfg.get("mode", "train")
     if mode == "train":
@@ -98,7 +108,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
 
     splits = dataset_splits(_container(cfg.dataset))
     datamodule = SFTDataModule(_container(cfg.dataset), tokenizer, seed=int(cfg.seed), splits=splits)
-    lit = AdapterLM(model, _container(cfg.optim), aux_loss_coeff=adapter_cfg.aux_loss_coeff)
+    lit = AdapterLM(model, _container(cfg.optim), aux_loss_coeff=adapter_cfg.aux_loss_coeff,
+                    routing_stats=bool(cfg.routing_stats))
 
     loggers = build_loggers(cfg)
     ok = False
@@ -130,7 +141,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
             save_adapter(model, out_dir / "adapter", base_model=_container(cfg.model),
                          extra={"seed": int(cfg.seed), "run_name": cfg.get("run_name"),
                                 "dataset": _container(cfg.dataset)})
-        metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=splits.get("test"))
+        metrics = evaluate_with_routing(model, tokenizer, cfg, out_dir, toy_rows=splits.get("test"))
         results.update(metrics)
         for lg in loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
@@ -165,7 +176,7 @@ def evaluate_saved(cfg: DictConfig) -> dict[str, float]:
     loggers = build_loggers(cfg)
     ok = False
     try:
-        metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=toy_rows)
+        metrics = evaluate_with_routing(model, tokenizer, cfg, out_dir, toy_rows=toy_rows)
         results = {"adapter_path": str(adapter_dir.resolve()), "adapter": adapter_cfg.name, **metrics}
         for lg in loggers:
             lg.log_metrics(metrics, step=0)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from adapter_cases import randomize_adapter_  # noqa: E402
 from conftest import fresh_micro_model  # noqa: E402
 
-from comol.adapters import build_adapter_config, inject_adapter, is_adapter_name, token_mask  # noqa: E402
+from comol.adapters import adapter_context, build_adapter_config, inject_adapter, is_adapter_name  # noqa: E402
 from comol.errors import ConfigError  # noqa: E402
 
 FAMILIES = ("qwen3", "llama")
@@ -172,7 +172,7 @@ def test_block_forward_and_gradients_match_naive_formula(variant, family):
     pos = torch.arange(t).unsqueeze(0).expand(b, t)
     cos, sin = model.model.rotary_emb(h, pos)
     h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
-    with token_mask(valid):
+    with adapter_context(model).masked(valid):
         got = layer(h1, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
     assert isinstance(got, torch.Tensor) and got.shape == h.shape  # what the unwrapped layer returns
     want = naive_block(layer, model.config, h2, cos, sin, spec, valid)
@@ -247,8 +247,7 @@ def test_gradient_checkpointing_replays_the_routing(adapter):
     def grads():
         model.zero_grad()
         model.train()
-        with token_mask(enc["attention_mask"]):
-            model(**enc, labels=labels).loss.backward()
+        model(**enc, labels=labels).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     calls = []

@@ -17,8 +17,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from cases_moe import naive_flylora  # noqa: E402
 from conftest import fresh_micro_model  # noqa: E402
 
-from comol.adapters import build_adapter_config, inject_adapter, token_mask  # noqa: E402
-from comol.adapters.base import AdapterLinear, aux_loss, clear_aux_loss  # noqa: E402
+from comol.adapters import adapter_context, build_adapter_config, inject_adapter  # noqa: E402
+from comol.adapters.base import AdapterLinear, aux_loss  # noqa: E402
 from comol.adapters.merge import merge_adapter, unmerge_adapter  # noqa: E402
 from comol.adapters.routing import load_balancing_loss  # noqa: E402
 from comol.data import collate_left, encode_example, generate_toy_math  # noqa: E402
@@ -85,9 +85,9 @@ def test_aux_loss_excludes_padding_and_only_in_training(adapter):
     mod = layer({"r": 3, **adapter})
     x, mask = padded_input()
     mod.train()
-    with token_mask(mask):
+    with mod.context.masked(mask):
         mod(x)
-    aux = mod.aux_loss
+    aux = mod.context.aux_loss()
     assert aux is not None and aux.dtype == torch.float32 and aux.ndim == 0
 
     # expected value from the valid tokens only
@@ -109,16 +109,15 @@ def test_aux_loss_excludes_padding_and_only_in_training(adapter):
     # padding rows do not matter
     x2 = x.clone()
     x2[0, :2] = torch.randn(2, 16) * 10
-    with token_mask(mask):
+    with mod.context.masked(mask):
         mod(x2)
-    torch.testing.assert_close(mod.aux_loss, aux)
+        torch.testing.assert_close(mod.context.aux_loss(), aux)
 
     # eval forward passes leave no aux loss
-    mod.aux_loss = None
     mod.eval()
-    with token_mask(mask):
+    with mod.context.masked(mask):
         mod(x)
-    assert mod.aux_loss is None
+        assert mod.context.aux_loss() is None
 
 
 def test_aux_loss_reaches_the_training_objective():
@@ -131,15 +130,14 @@ def test_aux_loss_reaches_the_training_objective():
     assert n_modules == 10
     total = aux_loss(model)
     assert total is not None and total.requires_grad
-    per_module = [m.aux_loss for m in model.modules() if isinstance(m, AdapterLinear)]
-    assert all(a is not None for a in per_module)
+    per_module = adapter_context(model).aux_losses
+    assert len(per_module) == n_modules  # one loss per routed module call
     torch.testing.assert_close(total, torch.stack(per_module).sum())
     total.backward()
     assert all(m.adapter_router.weight.grad is not None for m in model.modules() if isinstance(m, AdapterLinear))
     lit.eval()
     lit(batch)
     assert aux_loss(model) is None
-    clear_aux_loss(model)
 
 
 # --- routing -------------------------------------------------------------------------------
@@ -194,7 +192,7 @@ def test_routers_run_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         w = mod.route(x.reshape(-1, 16).bfloat16(), None)
         out = mod(x)
-    assert w.dtype == torch.float32 and mod.aux_loss.dtype == torch.float32
+    assert w.dtype == torch.float32 and mod.context.aux_loss().dtype == torch.float32
     assert isinstance(out, torch.Tensor) and torch.isfinite(out).all()
 
 
@@ -211,7 +209,7 @@ def test_flylora_projection_is_sparse_frozen_and_saved():
     a = mod.adapter_A
     assert not isinstance(a, nn.Parameter) and not a.requires_grad
     assert ((a != 0).sum(1) == 4096 // (32 // 8)).all()  # n / (r / k) non-zeros per row
-    assert abs(a[a != 0].std().item() - 32 ** -0.5) < 0.01  # N(0, 1/r)
+    assert abs(a[a != 0].std().item() - 1 / 32) < 0.001  # std 1/r (FlyLoRA / CoMoL reference code), not 1/sqrt(r)
     keys = set(mod.state_dict())
     assert {"adapter_A", "adapter_router_bias", "adapter_B"} <= keys and not any("counts" in k for k in keys)
     assert [n for n, _ in mod.named_parameters() if n.startswith("adapter_")] == ["adapter_B"]
@@ -227,24 +225,24 @@ def test_flylora_bias_shifts_selection_and_matches_naive():
 def test_flylora_counts_exclude_padding_and_update_rule():
     mod = layer({"name": "flylora", "r": 8, "top_k": 2, "bias_lr": 0.01}).train()
     x, mask = padded_input()
-    with token_mask(mask):
+    with mod.context.masked(mask):
         mod(x)
     rows = x.reshape(-1, 16)[mask.reshape(-1)]
     a = rows @ mod.adapter_A.T
     want = torch.zeros(a.shape, dtype=torch.bool).scatter_(1, a.topk(2, -1).indices, True).sum(0).float()
     torch.testing.assert_close(mod.adapter_step_counts, want)
     assert mod.adapter_step_counts.sum().item() == 2 * int(mask.sum())
-    with token_mask(mask):
+    with mod.context.masked(mask):
         mod(x)  # counts accumulate until the step ends
     torch.testing.assert_close(mod.adapter_step_counts, 2 * want)
 
     counts = torch.tensor([5.0, 0.0, 2.0, 2.0, 3.0, 1.0, 1.0, 2.0])  # mean 2
     mod.adapter_step_counts = counts
-    mod.after_train_step()
+    mod.update_bias()
     torch.testing.assert_close(mod.adapter_router_bias, 0.01 * torch.sign(2.0 - counts))
     assert mod.adapter_step_counts is None
     before = mod.adapter_router_bias.clone()
-    mod.after_train_step()  # no forward since: nothing to learn from
+    mod.update_bias()  # no forward since: nothing to learn from
     assert torch.equal(mod.adapter_router_bias, before)
 
 
@@ -264,13 +262,13 @@ def test_flylora_bias_changes_in_training_steps_only():
     with torch.no_grad():
         lit(batch)  # validation-style forward
     generate_responses(model, tok, ["1 + 1 =", "2 + 2 ="], max_new_tokens=3, decoding={})
-    lit.on_before_optimizer_step(None)  # even if the hook fired, nothing was counted
+    adapter_context(model).optimizer_step()  # even if the step hook fired, nothing was counted
     assert unchanged()
 
     lit.train()
     lit(batch)
     assert unchanged()  # the forward only counts
-    lit.on_before_optimizer_step(None)
+    adapter_context(model).optimizer_step()
     assert not unchanged()
     assert all(m.adapter_router_bias.abs().max() <= 1e-3 + 1e-9 for m in fly_modules(model))
 
@@ -430,7 +428,7 @@ def test_flylora_bias_moves_once_per_optimizer_step_with_accumulation(tmp_path):
 
 
 def test_aux_loss_gradients_survive_gradient_checkpointing():
-    """The padding mask outlives the forward call, so checkpointed re-runs route like the forward."""
+    """The context keeps the padding mask until the next forward, so checkpointed re-runs route like the forward."""
     import copy
 
     model, tok = micro()
@@ -446,7 +444,6 @@ def test_aux_loss_gradients_survive_gradient_checkpointing():
         lit = AdapterLM(m, {"lr": 1e-3}, aux_loss_coeff=0.5)
         out = lit(batch)
         (out.loss + 0.5 * aux_loss(m)).backward()
-        lit.on_train_batch_end(None, batch, 0)
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:

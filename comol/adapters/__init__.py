@@ -18,8 +18,8 @@ from comol.adapters.base import (  # noqa: F401
     is_adapter_name,
     register_adapter,
     registered_adapters,
-    token_mask,
 )
+from comol.adapters.context import AdapterContext, adapter_context, attach_optimizer  # noqa: F401
 from comol.adapters.inject import (  # noqa: F401
     adapter_state_dict,
     count_parameters,
@@ -28,7 +28,7 @@ from comol.adapters.inject import (  # noqa: F401
     save_adapter,
 )
 
-_INFRA = {"base", "inject"}
+_INFRA = {"base", "inject", "context", "routing_stats"}
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name not in _INFRA and not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")

@@ -64,6 +64,7 @@ class AdaMoleLinear(MoELoraLinear):
     def route(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         adapted = router_probs(x, self.adapter_router.weight) - self.thresholds(x)
         selected = adapted >= 0
-        if self.training:
-            self.aux_loss = load_balancing_loss(adapted, selected, mask)
-        return renormalise(adapted, selected)
+        self.add_aux_loss(lambda: load_balancing_loss(adapted, selected, mask))
+        weights = renormalise(adapted, selected)
+        self.report_routing(weights, mask, selected=selected)
+        return weights

@@ -1,5 +1,6 @@
-"""Adapter building blocks shared by every method: config base classes, the registry,
-the Linear wrapper, and the token mask / auxiliary-loss plumbing used by routed adapters.
+"""Adapter building blocks shared by every method: config base classes, the registry and the
+Linear wrapper. Routed adapters reach the padding mask, auxiliary losses, routing statistics and
+per-optimizer-step updates through the model's ``AdapterContext`` (context.py), nothing global.
 
 Naming rule: every tensor an adapter adds lives in a module attribute whose name starts
 with ``adapter_`` (``ADAPTER_PREFIX``).  Freezing, saving and loading are driven by that rule.
@@ -7,15 +8,15 @@ with ``adapter_`` (``ADAPTER_PREFIX``).  Freezing, saving and loading are driven
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
+from comol.adapters.context import ContextBound, adapter_context
 from comol.errors import ConfigError, config_check
 
 ADAPTER_PREFIX = "adapter_"
@@ -156,7 +157,7 @@ def _parent_of(model: nn.Module, module_name: str) -> tuple[nn.Module, str]:
 
 # --- wrapped Linear ---------------------------------------------------------------------
 
-class AdapterLinear(nn.Module):
+class AdapterLinear(ContextBound, nn.Module):
     """Wraps a frozen ``base_layer`` (nn.Linear) and adds ``delta(x)`` to its output.
 
     Adapter tensors are kept in fp32 (``adapter_dtype``) whatever the base dtype; the input is
@@ -168,8 +169,9 @@ class AdapterLinear(nn.Module):
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        #: set by routed adapters during training forward passes; read by ``aux_loss(model)``
-        self.aux_loss: torch.Tensor | None = None
+        #: False while this layer runs again in the same forward scope (a gradient-checkpointing
+        #: re-run during backward): side effects (aux losses, counts, statistics) happen once
+        self.fresh_call = True
 
     @property
     def weight(self) -> torch.Tensor:  # some HF code reads module.weight.dtype / .device
@@ -185,7 +187,22 @@ class AdapterLinear(nn.Module):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def report_routing(self, weights: torch.Tensor, mask: torch.Tensor | None, probs: torch.Tensor | None = None,
+                       selected: torch.Tensor | None = None) -> None:
+        """Hand this forward's routing to the context's statistics (once per forward, padding excluded)."""
+        if self.fresh_call and self.context.routing.enabled:
+            self.context.routing.record(self._context_name, weights, mask, probs=probs, selected=selected)
+
+    def add_aux_loss(self, loss_fn) -> None:
+        """In training forwards, add ``loss_fn()`` to the context's auxiliary losses. A checkpoint
+        re-run computes it again (the re-run must repeat the forward's ops) but does not add it."""
+        if self.training:
+            loss = loss_fn()
+            if self.fresh_call:
+                self.context.add_aux_loss(loss)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.fresh_call = self.context.first_call(self)
         out = self.base_layer(x)
         return out + self.delta(x.to(torch.float32) if not torch.is_autocast_enabled(x.device.type) else x).to(out.dtype)
 
@@ -195,50 +212,6 @@ def kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:
     return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
-# --- token mask (exclude padding from routing statistics) ------------------------------
-
-_TOKEN_MASK: list[torch.Tensor | None] = [None]
-
-
-@contextlib.contextmanager
-def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
-    """While active, routed adapters ignore tokens where ``mask`` is 0 in their statistics."""
-    previous = _TOKEN_MASK[0]
-    _TOKEN_MASK[0] = None if mask is None else mask.bool()
-    try:
-        yield
-    finally:
-        _TOKEN_MASK[0] = previous
-
-
-def set_token_mask(mask: torch.Tensor | None) -> None:
-    """Set the mask without a scope: it must outlive the forward call when gradient checkpointing
-    re-runs layers during backward. The caller clears it (``set_token_mask(None)``) after the step."""
-    _TOKEN_MASK[0] = None if mask is None else mask.bool()
-
-
-def in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. a checkpointed layer's forward being re-run)."""
-    return torch._C._current_graph_task_id() != -1
-
-
-def current_token_mask(x: torch.Tensor) -> torch.Tensor | None:
-    """The active mask flattened to ``x``'s tokens (``x.shape[:-1]``), or None if absent/mismatched."""
-    mask = _TOKEN_MASK[0]
-    if mask is None or tuple(mask.shape) != tuple(x.shape[:-1]):
-        return None
-    return mask.reshape(-1)
-
-
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the auxiliary losses left by adapter modules in the last forward pass (None if none)."""
-    losses = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None and m is not model]
-    if not losses:
-        return None
-    return torch.stack([l.float() for l in losses]).sum()
-
-
-def clear_aux_loss(model: nn.Module) -> None:
-    for m in model.modules():
-        if getattr(m, "aux_loss", None) is not None:
-            m.aux_loss = None
+    """Sum of the auxiliary losses of the model's last forward (None if none)."""
+    return adapter_context(model).aux_loss()

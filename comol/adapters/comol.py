@@ -116,5 +116,7 @@ class CoMoLLinear(AdapterLinear):
         lead = x.shape[:-1]
         z = F.linear(self.adapter_dropout(x), self.lora_A)
         g = self.gates(z if self.core_router else x)
+        if self.context.routing.enabled:
+            self.report_routing(g.reshape(-1, self.num_experts), self.context.token_mask(x))
         y = self.mix(z.reshape(-1, self.r), g.reshape(-1, self.num_experts)).reshape(*lead, self.r)
         return F.linear(y, self.lora_B) * self.scaling

@@ -5,12 +5,12 @@
     h    = W x + s · B (a ⊙ 1_S)                    B: m x r, zero-initialised (the only trained tensor)
 
 A: each of the r rows has ``n // (r // k)`` non-zeros (i.e. n·k/r, at least 1) at random
-columns, with values drawn from N(0, 1/r) (std 1/sqrt(r)). It is stored as the persistent
+columns, with values drawn from N(0, 1/r^2) (std 1/r, as in the FlyLoRA and CoMoL reference code). It is stored as the persistent
 buffer ``adapter_A`` (saved and loaded with the adapter, never trained).
 
 Load balancing without gradients: in training forward passes each module counts, over the
-non-padding tokens, how often every rank j is selected; ``after_train_step()`` (called by the
-trainer after each training batch, never in eval or generation) then applies
+non-padding tokens, how often every rank j is selected; ``update_bias()`` (run by the model's
+adapter context after every optimizer step: ``attach_optimizer``; never in eval or generation) then applies
 ``bias += u · sign(mean(count) - count)`` and resets the counts. The bias is the persistent
 buffer ``adapter_router_bias`` (saved: it changes which ranks a token uses). Under DDP the
 counts are summed over ranks first so every rank keeps the same bias.
@@ -27,7 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from comol.adapters.base import AdapterLinear, LowRankConfig, current_token_mask, in_backward, register_adapter
+from comol.adapters.base import AdapterLinear, LowRankConfig, register_adapter
+from comol.adapters.context import AdapterContext
 from comol.adapters.routing import topk_mask
 from comol.errors import config_check
 
@@ -54,12 +55,12 @@ class FlyLoraConfig(LowRankConfig):
 
 
 def sparse_random_projection(r: int, n: int, nnz: int, device: torch.device | str) -> torch.Tensor:
-    """r x n matrix, ``nnz`` non-zeros per row at random columns, values N(0, 1/r) (fp32)."""
+    """r x n matrix, ``nnz`` non-zeros per row at random columns, values N(0, 1/r^2), std 1/r (fp32)."""
     if torch.device(device).type == "meta":
         return torch.empty(r, n, device="meta")
     cols = torch.rand(r, n).argsort(dim=1)[:, :nnz]
     out = torch.zeros(r, n)
-    out.scatter_(1, cols, torch.randn(r, nnz) / r ** 0.5)
+    out.scatter_(1, cols, torch.randn(r, nnz) / r)
     return out.to(device)
 
 
@@ -88,8 +89,11 @@ class FlyLoraLinear(AdapterLinear):
         rows = x.reshape(-1, self.in_features)
         a = F.linear(self.adapter_dropout(rows), self.adapter_A.to(rows.dtype))  # [T, r]
         selected = self.select(a)
-        if self.training and not in_backward():  # a checkpointed re-run must not count twice
-            self._count(selected, current_token_mask(x))
+        if self.fresh_call and (self.training or self.context.routing.enabled):  # not on checkpoint re-runs
+            mask = self.context.token_mask(x)
+            if self.training:
+                self._count(selected, mask)
+            self.report_routing(selected.float(), mask, selected=selected)
         y = F.linear(a * selected.to(a.dtype), self.adapter_B)
         return (y * self.scaling).reshape(*lead, self.out_features)
 
@@ -101,8 +105,11 @@ class FlyLoraLinear(AdapterLinear):
         counts = sel.sum(0)
         self.adapter_step_counts = counts if self.adapter_step_counts is None else self.adapter_step_counts + counts
 
+    def on_bind(self, ctx: AdapterContext) -> None:
+        ctx.on_optimizer_step(self.update_bias)
+
     @torch.no_grad()
-    def after_train_step(self) -> None:
+    def update_bias(self) -> None:
         """bias += u · sign(mean(count) - count) from this step's training counts; then reset."""
         counts, self.adapter_step_counts = self.adapter_step_counts, None
         bias = self.adapter_router_bias

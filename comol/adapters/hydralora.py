@@ -54,7 +54,10 @@ class HydraLoraLinear(AdapterLinear):
         rows = x.reshape(-1, self.in_features)
         t, n_exp, r = rows.shape[0], self.num_experts, self.r
         z = F.linear(self.adapter_dropout(rows), self.adapter_A)  # [T, r]
-        g = router_probs(rows, self.adapter_router.weight).to(z.dtype)  # [T, N]
+        g = router_probs(rows, self.adapter_router.weight)  # [T, N] fp32
+        if self.context.routing.enabled:
+            self.report_routing(g, self.context.token_mask(x))
+        g = g.to(z.dtype)
         outer = (g.unsqueeze(-1) * z.unsqueeze(1)).reshape(t, n_exp * r)
         b_cat = self.adapter_B.permute(1, 0, 2).reshape(self.out_features, n_exp * r)
         return (F.linear(outer, b_cat) * self.scaling).reshape(*lead, self.out_features)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from comol.adapters.base import AdapterConfig, build_adapter_config, is_adapter_name
+from comol.adapters.context import CONTEXT_ATTR, AdapterContext
 from comol.errors import CheckpointError, ComolError
 from comol.io_utils import atomic_write_json, normal_permissions, replace_dir
 
@@ -28,10 +29,14 @@ FORMAT = "comol-adapter/1"
 
 
 def inject_adapter(model: nn.Module, cfg: AdapterConfig | Mapping[str, Any]) -> AdapterConfig:
-    """Inject ``cfg``'s adapter into ``model`` in place and freeze every non-adapter tensor."""
+    """Inject ``cfg``'s adapter into ``model`` in place, freeze every non-adapter tensor and install
+    the model's ``AdapterContext`` (padding mask, aux losses, routing statistics; context.py)."""
     if not isinstance(cfg, AdapterConfig):
         cfg = build_adapter_config(cfg)
+    if getattr(model, CONTEXT_ATTR, None) is not None:
+        raise ComolError("the model already carries an adapter: inject one adapter per model")
     cfg.inject(model)
+    AdapterContext().install(model)
     set_trainable(model, True)
     model.comol_adapter_config = cfg  # type: ignore[attr-defined]
     return cfg

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comol.adapters.base import ADAPTER_PREFIX, AdapterLinear, current_token_mask, kaiming_uniform_
+from comol.adapters.base import ADAPTER_PREFIX, AdapterLinear, kaiming_uniform_
+from comol.adapters.context import AdapterContext, ContextBound
 from comol.errors import ComolError, ConfigError
 
 ROUTER_KINDS = ("linear", "swiglu")
@@ -124,7 +125,7 @@ class GatedLoraLinear(AdapterLinear):
         return apply_route_weight(y, self.route_weight)
 
 
-class ParallelAdapter(nn.Module):
+class ParallelAdapter(ContextBound, nn.Module):
     """PA(u) = U · SiLU(D u + b_D) + b_U added to the MLP output; lives at ``mlp.adapter_pa``."""
 
     def __init__(self, mlp: nn.Module, hidden_size: int, adapter_size: int):
@@ -136,7 +137,7 @@ class ParallelAdapter(nn.Module):
             nn.init.xavier_uniform_(lin.weight, gain=1e-4)
             nn.init.zeros_(lin.bias)
         self.route_weight: torch.Tensor | None = None
-        mlp.register_forward_hook(self._add)
+        self.hooks = [mlp.register_forward_hook(self._add)]
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.up(F.silu(self.down(adapter_input(u))))
@@ -145,7 +146,7 @@ class ParallelAdapter(nn.Module):
         return output + apply_route_weight(self(args[0]), self.route_weight).to(output.dtype)
 
 
-class PromptExpert(nn.Module):
+class PromptExpert(ContextBound, nn.Module):
     """P prompt vectors attended by the layer's queries; lives at ``self_attn.adapter_prompt``."""
 
     def __init__(self, attn: nn.Module, length: int):
@@ -162,9 +163,9 @@ class PromptExpert(nn.Module):
         self._rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
         self._queries: torch.Tensor | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
-        attn.register_forward_pre_hook(self._capture_rotary, with_kwargs=True)
-        attn.q_proj.register_forward_hook(self._capture_queries)
-        attn.o_proj.register_forward_pre_hook(self._add)
+        self.hooks = [attn.register_forward_pre_hook(self._capture_rotary, with_kwargs=True),
+                      attn.q_proj.register_forward_hook(self._capture_queries),
+                      attn.o_proj.register_forward_pre_hook(self._add)]
 
     # hooks
     def _capture_rotary(self, attn: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -264,15 +265,15 @@ def select_by_threshold(w: torch.Tensor, tau: torch.Tensor, mode: str) -> torch.
     return (w - tau) * hard
 
 
-def padding_mask(u: torch.Tensor, attn_kwargs: dict, past_len: int) -> torch.Tensor:
+def padding_mask(u: torch.Tensor, attn_kwargs: dict, past_len: int, ctx: AdapterContext | None = None) -> torch.Tensor:
     """[B, T] bool, True for real (non-padding) tokens of the block input ``u`` [B, T, d].
 
-    Order of preference: the active ``token_mask`` (training / evaluation through the Lightning
-    module), then the layer's attention mask (2D [B, kv], or a 4D bool/additive mask whose
+    Order of preference: the model's ``AdapterContext`` (the attention mask the model was called
+    with), then the layer's attention mask (2D [B, kv], or a 4D bool/additive mask whose
     diagonal entry says whether a token may attend to itself — padding may not), else all True.
     """
     b, t = u.shape[:2]
-    flat = current_token_mask(u)
+    flat = ctx.token_mask(u) if ctx is not None else None
     if flat is not None:
         return flat.view(b, t)
     mask = attn_kwargs.get("attention_mask")
@@ -286,7 +287,7 @@ def padding_mask(u: torch.Tensor, attn_kwargs: dict, past_len: int) -> torch.Ten
     return torch.ones(b, t, dtype=torch.bool, device=u.device)
 
 
-class BlockRouter(nn.Module):
+class BlockRouter(ContextBound, nn.Module):
     """Per-block router (``layer.adapter_moa``): sigmoid weight per expert slot from the block input.
 
     ``level="token"``: one weight vector per token. ``level="instance"``: one per sequence
@@ -313,10 +314,10 @@ class BlockRouter(nn.Module):
         #: instance level with a KV cache: (sum [B, d], count [B, 1], tokens seen) of the pooled prefix
         self._prefix: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self._layer_idx = getattr(layer.self_attn, "layer_idx", None)
+        self.hooks = [layer.self_attn.register_forward_pre_hook(self._route, with_kwargs=True),
+                      layer.mlp.register_forward_hook(self._clear)]
         if router_input == "raw":
-            layer.input_layernorm.register_forward_pre_hook(self._stash_raw)
-        layer.self_attn.register_forward_pre_hook(self._route, with_kwargs=True)
-        layer.mlp.register_forward_hook(self._clear)
+            self.hooks.append(layer.input_layernorm.register_forward_pre_hook(self._stash_raw))
 
     # hooks
     def _stash_raw(self, norm: nn.Module, args: tuple) -> None:
@@ -330,6 +331,12 @@ class BlockRouter(nn.Module):
         if cache is not None and hasattr(cache, "get_seq_length"):
             past_len = int(cache.get_seq_length(self._layer_idx or 0))
         weights = self.weights(u, kwargs, past_len, caching=cache is not None)
+        routing = self.context.routing
+        if routing.enabled and self.context.first_call(self):
+            per_token = weights.shape[1] == u.shape[1]
+            mask = padding_mask(u, kwargs, past_len, self.context).reshape(-1) if per_token else None
+            routing.record(self._context_name, weights.reshape(-1, weights.shape[-1]), mask,
+                           selected=(weights > 0) if self.threshold is not None else None)
         for module, slot in self._experts:
             module.route_weight = weights[..., slot:slot + 1]
 
@@ -345,7 +352,7 @@ class BlockRouter(nn.Module):
         with torch.autocast(u.device.type, enabled=False):
             x = u.float()
             if self.level == "instance":
-                x = self.pool(x, padding_mask(u, attn_kwargs or {}, past_len), past_len, caching)
+                x = self.pool(x, padding_mask(u, attn_kwargs or {}, past_len, self.context), past_len, caching)
             w = torch.sigmoid(self.router(x))
             if self.threshold is not None:
                 tau = self.max_threshold * torch.sigmoid(_fp32_linear(x, self.threshold))

@@ -81,9 +81,10 @@ class _SelectiveMoELoraLinear(MoELoraLinear):
     def route(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         probs = router_probs(x, self.adapter_router.weight)
         selected = self.select(probs)
-        if self.training:
-            self.aux_loss = load_balancing_loss(probs, selected, mask)
-        return renormalise(probs, selected)
+        self.add_aux_loss(lambda: load_balancing_loss(probs, selected, mask))
+        weights = renormalise(probs, selected)
+        self.report_routing(weights, mask, probs=probs, selected=selected)
+        return weights
 
 
 class MolaLinear(_SelectiveMoELoraLinear):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comol.adapters.base import AdapterLinear, LowRankConfig, current_token_mask, kaiming_uniform_, register_adapter
+from comol.adapters.base import AdapterLinear, LowRankConfig, kaiming_uniform_, register_adapter
 from comol.adapters.routing import router_probs
 from comol.errors import config_check
 
@@ -65,10 +65,12 @@ class MoELoraLinear(AdapterLinear):
     def route(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per-token expert weights [T, N] (fp32) for token rows x [T, n].
 
-        ``mask`` [T] (bool or None) marks non-padding tokens, for routing statistics.
+        ``mask`` [T] (bool or None) marks non-padding tokens, for the aux loss and the statistics.
         MoLoRA: the dense softmax.
         """
-        return router_probs(x, self.adapter_router.weight)
+        probs = router_probs(x, self.adapter_router.weight)
+        self.report_routing(probs, mask)
+        return probs
 
     def mix_experts(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_i w_i B_i A_i Drop(x) for token rows x [T, n] and weights [T, N] -> [T, m]."""
@@ -81,5 +83,5 @@ class MoELoraLinear(AdapterLinear):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
-        weights = self.route(rows, current_token_mask(x))
+        weights = self.route(rows, self.context.token_mask(x))
         return (self.mix_experts(rows, weights) * self.scaling).reshape(*lead, self.out_features)

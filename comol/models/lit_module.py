@@ -8,8 +8,7 @@ import lightning as L
 import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from comol.adapters import aux_loss, is_adapter_name
-from comol.adapters.base import clear_aux_loss, set_token_mask
+from comol.adapters import adapter_context, is_adapter_name
 from comol.errors import ConfigError
 
 SCHEDULES = ("constant", "cosine")
@@ -18,9 +17,13 @@ SCHEDULES = ("constant", "cosine")
 class AdapterLM(L.LightningModule):
     """Trains only the adapter tensors of a wrapped Hugging Face causal LM."""
 
-    def __init__(self, model: torch.nn.Module, optim: Mapping[str, Any], aux_loss_coeff: float = 0.0):
+    def __init__(self, model: torch.nn.Module, optim: Mapping[str, Any], aux_loss_coeff: float = 0.0,
+                 routing_stats: bool = True):
         super().__init__()
         self.model = model
+        #: the adapter context (context.py): padding mask, aux losses, routing statistics, step updates
+        self.context = adapter_context(model)
+        self.routing_stats = routing_stats
         self.optim_cfg = dict(optim)
         self.aux_loss_coeff = float(aux_loss_coeff)
         if self.optim_cfg.get("schedule", "constant") not in SCHEDULES:
@@ -28,10 +31,7 @@ class AdapterLM(L.LightningModule):
         self.strict_loading = False  # checkpoints hold adapter tensors only
 
     def forward(self, batch: Mapping[str, torch.Tensor]):
-        clear_aux_loss(self.model)
-        # The padding mask stays set until the batch is done (not just this call): with gradient
-        # checkpointing, layers are re-run during backward and must see the same mask.
-        set_token_mask(batch["attention_mask"])
+        # Nothing but the model call: the adapter context reads the attention mask from it.
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
     def training_step(self, batch, batch_idx):
@@ -39,7 +39,7 @@ class AdapterLM(L.LightningModule):
         loss = out.loss
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bs)
-        aux = aux_loss(self.model)
+        aux = self.context.aux_loss()
         if aux is not None:
             self.log("train/aux_loss", aux.detach(), batch_size=bs)
             if self.aux_loss_coeff > 0:
@@ -47,19 +47,29 @@ class AdapterLM(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         return loss
 
+    # -- routing statistics: recorded in training forwards, logged at the logging interval ------
+    def on_fit_start(self) -> None:
+        self.context.routing.enabled = self.routing_stats
+
+    def on_fit_end(self) -> None:
+        self.context.routing.enabled = False
+        self.context.routing.reset()
+
+    def on_validation_start(self) -> None:
+        self._routing_was, self.context.routing.enabled = self.context.routing.enabled, False
+
+    def on_validation_end(self) -> None:
+        self.context.routing.enabled = getattr(self, "_routing_was", False)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        set_token_mask(None)
-
-    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        set_token_mask(None)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # State updates outside the optimizer (e.g. FlyLoRA's routing bias) run once per optimizer
-        # step (after all micro-batches of a gradient-accumulation cycle), in training only.
-        for module in self.model.modules():
-            hook = getattr(module, "after_train_step", None)
-            if callable(hook) and module is not self.model:
-                hook()
+        routing = self.context.routing
+        step = self.trainer.global_step
+        if routing.enabled and step > 0 and step % self.trainer.log_every_n_steps == 0 and step != getattr(self, "_routing_step", -1):
+            self._routing_step = step
+            stats = routing.summary()  # the one host sync, at the logging interval
+            routing.reset()
+            if stats:
+                self.log_dict(stats, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
 
     def validation_step(self, batch, batch_idx):
         out = self(batch)
@@ -77,6 +87,8 @@ class AdapterLM(L.LightningModule):
             sched = get_cosine_schedule_with_warmup(opt, warmup, max(int(self.trainer.estimated_stepping_batches), 1))
         else:
             sched = get_constant_schedule_with_warmup(opt, warmup)
+        # state kept outside the optimizer (FlyLoRA's routing bias) updates after every optimizer step
+        self.context.attach_optimizer(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,0 +1,181 @@
+"""The adapter context: one explicit channel between whatever drives a model and its adapters.
+
+``inject_adapter`` gives every adapted model one ``AdapterContext``, installed as a forward
+pre-hook on the top-level model. At the start of each forward it records the ``attention_mask``
+the caller passed (so routed adapters leave padding out of their losses and statistics) and opens
+a new forward scope (aux losses of the previous forward are dropped). Adapter layers are bound
+to it (``bind_context``) and talk to it only:
+
+* ``token_mask(x)``: the padding mask flattened to the tokens of a layer input ``x``;
+* ``add_aux_loss(loss)`` / ``aux_loss()``: auxiliary routing losses of the current forward;
+* ``first_call(layer)``: False when a layer runs again inside one forward scope (gradient
+  checkpointing re-runs layers during backward), so nothing is counted twice;
+* ``on_optimizer_step(fn)``: state kept outside the optimizer (FlyLoRA's routing bias) is updated
+  once per optimizer step, through ``attach_optimizer(optimizer)`` (a torch step post-hook): the
+  same call for Lightning (``AdapterLM.configure_optimizers``), a plain loop, TRL, DDP;
+* ``routing``: routing statistics accumulated on the device (comol/adapters/routing_stats.py).
+
+So an adapted model driven by any loop behaves exactly as under the LightningModule, with no
+module-global state. Every hook is kept as a handle; ``remove()`` takes them all off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from comol.adapters.routing_stats import RoutingStats
+from comol.errors import ComolError
+
+CONTEXT_ATTR = "comol_adapter_context"
+
+
+class AdapterContext:
+    """Forward-scoped state shared by the adapter layers of one model (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.attention_mask: torch.Tensor | None = None  # [B, S] bool of the current forward
+        self.forward_id = 0
+        self.routing = RoutingStats()
+        self._aux: list[torch.Tensor] = []
+        self._seen: dict[int, int] = {}  # id(layer) -> forward_id of its last counted call
+        self._step_hooks: list[Callable[[], None]] = []
+        self._handles: list[RemovableHandle] = []
+        self._attached = 0
+        self._warned = False
+
+    # -- installation -----------------------------------------------------------------------
+    def install(self, model: nn.Module) -> None:
+        """Hook the top-level ``model`` and bind every adapter module found in it."""
+        object.__setattr__(model, CONTEXT_ATTR, self)
+        self.keep(model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+        for name, module in model.named_modules():
+            bind = getattr(type(module), "bind_context", None)
+            if bind is not None and module is not model:
+                bind(module, self, name)
+
+    def keep(self, handle: RemovableHandle) -> RemovableHandle:
+        """Keep a hook handle (adapters register their submodule hooks through this)."""
+        self._handles.append(handle)
+        return handle
+
+    def remove(self) -> None:
+        """Remove every hook this context and its adapters registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- one forward scope ------------------------------------------------------------------
+    def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.attention_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.forward_id += 1
+        self._aux = []
+        if module.training and torch.is_grad_enabled() and self._step_hooks and not self._attached and not self._warned:
+            self._warned = True
+            warnings.warn("this adapter updates state once per optimizer step (e.g. FlyLoRA's routing bias): call "
+                          "comol.adapters.attach_optimizer(model, optimizer) once, or the state never changes",
+                          stacklevel=2)
+
+    @contextlib.contextmanager
+    def masked(self, mask: torch.Tensor | None) -> Iterator[None]:
+        """Use ``mask`` [B, T] for calls made directly to adapter layers (not through the model)."""
+        previous = self.attention_mask
+        self.attention_mask = None if mask is None else mask.bool()
+        self.forward_id += 1
+        self._aux = []
+        try:
+            yield
+        finally:
+            self.attention_mask = previous
+
+    def token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """[T] bool over the tokens of ``x`` [B, T, d] (True = real token), or None without a mask.
+
+        With a KV cache the mask covers past + new tokens; the new ones are its last T columns.
+        """
+        mask = self.attention_mask
+        if mask is None:
+            return None
+        if x.dim() != 3 or mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
+            raise ComolError(
+                f"adapter context: the model was called with attention_mask of shape {tuple(mask.shape)}, but an "
+                f"adapter layer got input of shape {tuple(x.shape)}; call adapter layers through the model, or "
+                f"wrap direct calls in `with context.masked(mask):`"
+            )
+        return mask[:, -x.shape[1]:].to(x.device).reshape(-1)
+
+    def first_call(self, layer: nn.Module) -> bool:
+        """True the first time ``layer`` runs in this forward scope (False for checkpoint re-runs)."""
+        key = id(layer)
+        if self._seen.get(key) == self.forward_id:
+            return False
+        self._seen[key] = self.forward_id
+        return True
+
+    # -- auxiliary losses -------------------------------------------------------------------
+    def add_aux_loss(self, loss: torch.Tensor) -> None:
+        self._aux.append(loss)
+
+    @property
+    def aux_losses(self) -> tuple[torch.Tensor, ...]:
+        """The auxiliary losses added in the current forward, one per routed module call."""
+        return tuple(self._aux)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the auxiliary losses of the current forward (fp32), or None if none."""
+        return torch.stack([a.float() for a in self._aux]).sum() if self._aux else None
+
+    # -- once per optimizer step ------------------------------------------------------------
+    def on_optimizer_step(self, fn: Callable[[], None]) -> None:
+        self._step_hooks.append(fn)
+
+    def optimizer_step(self) -> None:
+        for fn in self._step_hooks:
+            fn()
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Run the adapters' per-step updates after every ``optimizer.step()``."""
+        self._attached += 1
+        return self.keep(optimizer.register_step_post_hook(lambda *_: self.optimizer_step()))
+
+
+def adapter_context(model: nn.Module) -> AdapterContext:
+    """The context of an adapted model (ComolError when no adapter was injected)."""
+    ctx = getattr(model, CONTEXT_ATTR, None)
+    if ctx is None:
+        raise ComolError(f"{type(model).__name__} carries no adapter context: call comol.adapters.inject_adapter first")
+    return ctx
+
+
+def attach_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+    """Public shortcut: ``adapter_context(model).attach_optimizer(optimizer)``."""
+    return adapter_context(model).attach_optimizer(optimizer)
+
+
+class ContextBound:
+    """Mixin for adapter modules that use the context; unbound modules get a private one."""
+
+    _context: AdapterContext | None = None
+    _context_name: str = ""
+
+    def bind_context(self, ctx: AdapterContext, name: str) -> None:
+        object.__setattr__(self, "_context", ctx)
+        object.__setattr__(self, "_context_name", name)
+        for handle in getattr(self, "hooks", ()):  # submodule hooks: removed with the context
+            ctx.keep(handle)
+        self.on_bind(ctx)
+
+    def on_bind(self, ctx: AdapterContext) -> None:
+        """Subclass hook (e.g. register a per-optimizer-step update)."""
+
+    @property
+    def context(self) -> AdapterContext:
+        if self._context is None:
+            object.__setattr__(self, "_context", AdapterContext())
+        return self._context
