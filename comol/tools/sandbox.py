@@ -44,6 +44,7 @@ from comol.tools.sandbox_confine import (
     ConfinementUnavailable,
     bwrap_command,
     confinement_problem,
+    find_bwrap,
     require_confinement,
 )
 
@@ -128,7 +129,7 @@ def describe_sandbox(python: str | None = None) -> dict:
         "confinement": "bwrap" if problem is None else None,
         "problem": problem,
         "caller_is_root": os.geteuid() == 0,
-        "bwrap": shutil.which("bwrap"),
+        "bwrap": find_bwrap(),
     }
 
 
