@@ -1,18 +1,14 @@
-"""Sandboxed execution of HumanEval programs: correctness, timeouts and hostile completions.
+"""Sandboxed execution of HumanEval programs: statuses, pass@k, timeouts, the canonical 164.
 
-Hostile programs run with the in-process guard on (the default) under both isolation modes,
-and again with the guard OFF to prove the OS-level layers (namespaces, unprivileged uid,
-resource limits) hold on their own where this machine provides them.
+Hostile completions are in tests/test_sandbox_hostile.py; the refusal without confinement and
+the explicit unconfined mode in tests/test_sandbox_unconfined.py.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
@@ -27,8 +23,9 @@ from comol.tools.sandbox import (
 from comol.eval.eval_files import humaneval_file, load_humaneval, require_data_dir
 
 SANDBOX = describe_sandbox()
-HAS_NAMESPACES = SANDBOX["isolation"] == "namespaces"
-ISOLATIONS = ["auto", "none"] if HAS_NAMESPACES else ["none"]
+if SANDBOX["problem"]:
+    pytest.fail(f"these tests need OS confinement: {SANDBOX['problem']}", pytrace=False)
+CONFINE = [True, False]  # OS confinement, and the explicit unconfined mode
 
 
 @pytest.fixture(scope="module")
@@ -56,46 +53,6 @@ def _program(problem: dict, body: str) -> str:
     return build_program(problem, completion)
 
 
-def _n_processes() -> int:
-    return sum(name.isdigit() for name in os.listdir("/proc"))
-
-
-def _n_matching(marker: str) -> int:
-    """Processes whose command line contains ``marker``."""
-    n = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    n += 1
-        except OSError:
-            pass
-    return n
-
-
-def _wait_until(cond, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return cond()
-
-
-@pytest.fixture
-def sandbox_root():
-    """A private folder for this test's sandboxes (traversable by the sandbox uid); its
-    unique path appears on the command line of every sandboxed process."""
-    root = tempfile.mkdtemp(prefix="comol-test-sandboxes-")
-    os.chmod(root, 0o711)
-    yield root
-    import shutil
-
-    shutil.rmtree(root, ignore_errors=True)
-
-
 # ------------------------------------------------------------------ basics
 
 
@@ -106,23 +63,23 @@ def test_build_program_layout():
     )
 
 
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_statuses(isolation):
-    assert _run("x = 1", isolation=isolation).status == "passed"
-    res = _run("assert 1 == 2, 'boom'", isolation=isolation)
+@pytest.mark.parametrize("confine", CONFINE)
+def test_statuses(confine):
+    assert _run("x = 1", confine=confine).status == "passed"
+    res = _run("assert 1 == 2, 'boom'", confine=confine)
     assert res.status == "failed" and "AssertionError: boom" in res.detail
-    res = _run("raise KeyError('k')", isolation=isolation)
+    res = _run("raise KeyError('k')", confine=confine)
     assert res.status == "error" and "KeyError" in res.detail
-    res = _run("def f(:\n  pass", isolation=isolation)
+    res = _run("def f(:\n  pass", confine=confine)
     assert res.status == "error" and "SyntaxError" in res.detail
-    res = _run("raise SystemExit(0)", isolation=isolation)  # exiting early is not a pass
+    res = _run("raise SystemExit(0)", confine=confine)  # exiting early is not a pass
     assert res.status == "error" and "SystemExit" in res.detail
     # Ordinary programs can still use imports and their sandbox folder.
     ok = ("import hashlib, tempfile, os, re, math, collections, itertools, functools\n"
           "p = os.path.join(tempfile.gettempdir(), 'x.txt')\n"
           "open(p, 'w').write('hi')\nassert open(p).read() == 'hi'\n"
           "assert hashlib.md5(b'a').hexdigest().startswith('0cc1')\n")
-    assert _run(ok, isolation=isolation).status == "passed"
+    assert _run(ok, confine=confine).status == "passed"
 
 
 def test_output_is_truncated():
@@ -134,8 +91,6 @@ def test_output_is_truncated():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="timeout"):
         run_program("x=1", timeout=0)
-    with pytest.raises(ValueError, match="isolation"):
-        run_program("x=1", isolation="docker")
     with pytest.raises(ValueError, match="unique"):
         evaluate_programs([("a", "x=1"), ("a", "x=2")], progress=False)
 
@@ -198,11 +153,11 @@ def test_pass_at_k_with_mixed_completions(by_id):
 # ------------------------------------------------------------------ timeouts
 
 
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-def test_infinite_loop_times_out(isolation):
+@pytest.mark.parametrize("confine", CONFINE)
+def test_infinite_loop_times_out(confine):
     for prog in ("while True:\n    pass\n", "import time\ntime.sleep(60)\n"):
         start = time.monotonic()
-        res = run_program(prog, timeout=1.0, isolation=isolation)
+        res = run_program(prog, timeout=1.0, confine=confine)
         assert res.status == "timeout", res
         assert time.monotonic() - start < 4.0
 
@@ -218,169 +173,15 @@ def test_infinite_loops_do_not_stall_the_pool(by_id):
         **{f"loop{i}": "timeout" for i in range(4)}, **{f"ok{i}": "passed" for i in range(4)}}
 
 
-# ------------------------------------------------------------------ hostile completions
-
-DELETE_ATTEMPTS = [
-    "import os\nos.remove({path!r})",
-    "import pathlib\npathlib.Path({path!r}).unlink()",
-    "import shutil\nshutil.rmtree({dir!r})",
-    "import os\nos.rename({path!r}, {path!r} + '.moved')",
-    "open({path!r}, 'w').write('overwritten')",
-    "import os\nos.chmod({path!r}, 0)",
-    "import os\nos.system('rm -f {path}')",
-]
-DELETE_IDS = ["remove", "pathlib-unlink", "rmtree", "rename", "overwrite", "chmod", "os-system-rm"]
-
-
-def _victim(tmp_path: Path) -> Path:
-    victim_dir = tmp_path / "outside"
-    victim_dir.mkdir()
-    victim = victim_dir / "precious.txt"
-    victim.write_text("keep me")
-    return victim
-
-
-def _assert_intact(victim: Path):
-    assert victim.exists()
-    assert victim.read_text() == "keep me"
-    assert not Path(str(victim) + ".moved").exists()
-    assert os.stat(victim).st_mode & 0o600 == 0o600
-
-
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-@pytest.mark.parametrize("attempt", DELETE_ATTEMPTS, ids=DELETE_IDS)
-def test_file_outside_sandbox_survives(by_id, tmp_path, attempt, isolation):
-    victim = _victim(tmp_path)
-    body = attempt.format(path=str(victim), dir=str(victim.parent)) + "\nreturn False"
-    res = _run(_program(by_id["HumanEval/0"], body), isolation=isolation)
-    assert res.status in ("failed", "error"), res
-    _assert_intact(victim)
-
-
-@pytest.mark.skipif(not SANDBOX["drops_privileges"],
-                    reason="files are protected by the unprivileged uid only when the caller is root")
-@pytest.mark.parametrize("attempt", DELETE_ATTEMPTS, ids=DELETE_IDS)
-def test_file_outside_sandbox_survives_without_guard(tmp_path, attempt):
-    victim = _victim(tmp_path)
-    program = attempt.format(path=str(victim), dir=str(victim.parent))
-    program = "try:\n" + "".join(f"    {l}\n" for l in program.splitlines()) + "except OSError:\n    pass\n"
-    _run(program, guard=False)
-    _assert_intact(victim)
-
-
-# Spawned commands carry {marker} on their command line so leftovers can be counted exactly.
-FORK_BOMBS = [
-    "import os\nwhile True:\n    os.fork()",
-    "import subprocess, sys\nwhile True:\n    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}])",
-    "import multiprocessing, time\nwhile True:\n    multiprocessing.Process(target=time.sleep, args=(60,)).start()",
-    "import os\nwhile True:\n    os.system(\"sh -c 'sleep 60; true' {marker} &\")",
-]
-BOMB_IDS = ["os-fork", "subprocess", "multiprocessing", "os-system"]
-
-
-def _assert_all_gone(marker: str, before: int):
-    assert _wait_until(lambda: _n_matching(marker) == 0), f"{_n_matching(marker)} processes left"
-    # The machine's process count returns to where it was (slack for unrelated activity).
-    assert _wait_until(lambda: _n_processes() <= before + 10), (before, _n_processes())
-
-
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-@pytest.mark.parametrize("bomb", FORK_BOMBS, ids=BOMB_IDS)
-def test_fork_bomb_is_contained(by_id, sandbox_root, bomb, isolation):
-    before = _n_processes()
-    start = time.monotonic()
-    program = _program(by_id["HumanEval/0"], bomb.format(marker=sandbox_root))
-    res = _run(program, timeout=2.0, isolation=isolation, tmp_root=sandbox_root)
-    assert res.status in ("error", "failed", "timeout"), res
-    assert time.monotonic() - start < 6.0
-    _assert_all_gone(sandbox_root, before)
-
-
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-@pytest.mark.parametrize("bomb", FORK_BOMBS[:2], ids=BOMB_IDS[:2])
-def test_fork_bomb_is_contained_without_guard(sandbox_root, bomb, isolation):
-    """With the guard off, RLIMIT_NPROC stops the bomb and the PID namespace / process-group
-    kill removes every child when the run ends."""
-    if not SANDBOX["nproc_enforced"]:
-        pytest.skip("RLIMIT_NPROC is not enforced for this caller (root without a spare uid)")
-    before = _n_processes()
-    body = bomb.format(marker=sandbox_root).replace("\n    ", "\n    try:\n        ", 1)
-    body = body.rstrip() + "\n    except OSError:\n        pass\n"
-    start = time.monotonic()
-    res = _run(body, timeout=2.0, guard=False, isolation=isolation, tmp_root=sandbox_root)
-    assert res.status in ("timeout", "error"), res
-    assert time.monotonic() - start < 6.0
-    _assert_all_gone(sandbox_root, before)
-
-
-@pytest.mark.parametrize("guard", [True, False])
-def test_unbounded_memory_is_stopped(by_id, guard):
-    for body in ("data = []\nwhile True:\n    data.append(bytearray(10**7))",
-                 "x = bytearray(10**11)\nreturn True"):
-        start = time.monotonic()
-        res = _run(_program(by_id["HumanEval/0"], body), memory_mb=256, guard=guard)
-        assert res.status == "error" and "MemoryError" in res.detail, res
-        assert time.monotonic() - start < 5.0
-
-
-@pytest.fixture
-def listener():
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    srv.settimeout(0.5)
-    yield srv
-    srv.close()
-
-
-def _assert_no_connection(srv: socket.socket):
-    with pytest.raises(socket.timeout):
-        conn, _ = srv.accept()
-        conn.close()
-
-
-SOCKET_ATTEMPTS = [
-    "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ns.sendall(b'hi')",
-    "import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))",
-    "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=1)",
-]
-SOCKET_IDS = ["create_connection", "socket-connect", "urllib"]
-
-
-@pytest.mark.parametrize("isolation", ISOLATIONS)
-@pytest.mark.parametrize("attempt", SOCKET_ATTEMPTS, ids=SOCKET_IDS)
-def test_no_network(by_id, listener, attempt, isolation):
-    port = listener.getsockname()[1]
-    body = attempt.format(port=port) + "\nreturn False"
-    res = _run(_program(by_id["HumanEval/0"], body), isolation=isolation)
-    assert res.status in ("error", "failed"), res
-    _assert_no_connection(listener)
-
-
-@pytest.mark.skipif(not HAS_NAMESPACES, reason="network is cut by a network namespace only where unshare works")
-@pytest.mark.parametrize("attempt", SOCKET_ATTEMPTS, ids=SOCKET_IDS)
-def test_no_network_without_guard(listener, attempt):
-    port = listener.getsockname()[1]
-    res = _run(attempt.format(port=port), guard=False)
-    assert res.status == "error", res
-    _assert_no_connection(listener)
-
-
-def test_sandbox_folder_is_removed(sandbox_root):
-    res = _run("import os\nopen('left.txt', 'w').write('x')\nassert os.path.exists('left.txt')",
-               tmp_root=sandbox_root)
-    assert res.status == "passed"
-    assert os.listdir(sandbox_root) == []
-
-
 def test_exit_status_classification():
     from comol.tools.sandbox import _classify
 
-    assert _classify(0, False, 3.0, "") == ("passed", "")
-    assert _classify(0, True, 3.0, "")[0] == "timeout"
-    assert _classify(1, False, 3.0, "AssertionError")[0] == "failed"
-    assert _classify(128 + signal.SIGXCPU, False, 3.0, "") == ("timeout", "CPU time limit exceeded (SIGXCPU)")
-    assert _classify(-signal.SIGXCPU, False, 3.0, "")[0] == "timeout"
-    assert _classify(128 + signal.SIGKILL, False, 3.0, "") == ("error", "killed by SIGKILL")
-    assert _classify(3, False, 3.0, "boom") == ("error", "sandbox setup failed: boom")
+    # Only the token read back makes a pass; exit status 0 alone is an error.
+    assert _classify(0, False, 3.0, "", True) == ("passed", "")
+    assert _classify(0, False, 3.0, "", False)[0] == "error"
+    assert _classify(0, True, 3.0, "", True)[0] == "timeout"
+    assert _classify(1, False, 3.0, "AssertionError", False)[0] == "failed"
+    assert _classify(128 + signal.SIGXCPU, False, 3.0, "", False) == ("timeout", "CPU time limit exceeded (SIGXCPU)")
+    assert _classify(-signal.SIGXCPU, False, 3.0, "", False)[0] == "timeout"
+    assert _classify(128 + signal.SIGKILL, False, 3.0, "", False) == ("error", "killed by SIGKILL")
+    assert _classify(3, False, 3.0, "boom", False) == ("error", "sandbox setup failed: boom")

@@ -110,9 +110,25 @@ def test_eval_commonsense_and_rerun_replaces_outputs(tmp_path, trained_adapter, 
 def test_eval_humaneval_sampling_and_sandbox(tmp_path, trained_adapter, shared_data):
     res = eval_run(tmp_path, trained_adapter, "eval=humaneval", "eval.limit=2", "eval.max_new_tokens=8",
                    "eval.decoding.num_samples=2", "eval.workers=2", f"paths.data_dir={shared_data}")
-    assert set(k for k in res if k.startswith("eval/")) == {"eval/code/humaneval/pass@1"}
+    assert set(k for k in res if k.startswith("eval/")) == {"eval/code/humaneval/pass@1",
+                                                              "eval/code/humaneval/confined"}
+    assert res["eval/code/humaneval/confined"] == 1.0
     recs = [json.loads(l) for l in (tmp_path / "predictions" / "humaneval.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(r["n"] == 2 and len(r["completions"]) == 2 for r in recs)
+    # Generation apart from execution: eval.execute=false only writes the samples ...
+    later = tmp_path / "later"
+    res = eval_run(later, trained_adapter, "eval=humaneval", "eval.limit=2", "eval.max_new_tokens=8",
+                   "eval.decoding.num_samples=2", "eval.execute=false", f"paths.data_dir={shared_data}")
+    assert not any(k.startswith("eval/") for k in res)
+    samples = later / "predictions" / "humaneval.samples.jsonl"
+    assert not (later / "predictions" / "humaneval.jsonl").exists()
+    # ... which comol.eval.execute scores the same way (same seed: same samples, same pass@1).
+    from comol.eval.execute import main as execute_main
+
+    first_pass1 = json.loads((tmp_path / "results.json").read_text())["eval/code/humaneval/pass@1"]
+    assert execute_main([str(samples), "--workers", "2"]) == {"eval/code/humaneval/pass@1": first_pass1,
+                                                              "eval/code/humaneval/confined": 1.0}
+    assert json.loads((later / "results.json").read_text())["eval/code/humaneval/confined"] == 1.0
 
 
 def test_incomplete_adapter_dir_is_named(tmp_path, trained_adapter, micro):

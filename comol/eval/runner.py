@@ -13,8 +13,8 @@ from typing import Any, Callable, Mapping
 from comol.data.prompts import build_prompt
 from comol.errors import ConfigError
 from comol.eval.commonsense_scoring import score_commonsense_row
-from comol.tools.sandbox import evaluate_humaneval
 from comol.eval.eval_files import load_eval_rows, load_humaneval
+from comol.eval.execute import SAMPLES_SUFFIX, check_confinement, sample_rows, score_samples
 from comol.eval.generate import generate_responses
 from comol.eval.math_scoring import extract_last_number, is_aqua, math_correct, score_math_row
 from comol.io_utils import atomic_write_jsonl
@@ -112,10 +112,20 @@ def code_prompt(problem: dict, style: str) -> str:
 
 
 def run_code_evaluation(model, tokenizer, eval_cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str, float]:
-    """HumanEval-style: sample completions, run each program sandboxed, unbiased pass@k."""
+    """HumanEval-style: sample completions, run each program confined by the OS, unbiased pass@k.
+
+    ``eval.execute=false`` only writes ``predictions/<set>.samples.jsonl`` (score it later with
+    ``python -m comol.eval.execute``). Execution is refused before generation when OS
+    confinement is missing, unless ``eval.allow_unconfined=true`` (logged; ``confined: 0``).
+    """
     metrics: dict[str, float] = {}
     n = int(eval_cfg["decoding"].get("num_samples", 1))
     ks = [k for k in eval_cfg.get("ks", [1]) if k <= n]
+    execute = bool(eval_cfg.get("execute", True))
+    allow_unconfined = bool(eval_cfg.get("allow_unconfined", False))
+    if execute:
+        check_confinement(allow_unconfined)  # refuse before spending time on generation
+    pred_dir = Path(out_dir) / "predictions"
     for set_name, source in dict(eval_cfg["sets"]).items():
         problems = eval_rows(set_name, str(source), eval_cfg, None)
         style = eval_cfg.get("prompt_style", "raw")
@@ -124,15 +134,16 @@ def run_code_evaluation(model, tokenizer, eval_cfg: Mapping[str, Any], out_dir: 
             eval_cfg["decoding"], batch_size=eval_cfg.get("batch_size", 8), desc=f"generate {set_name}",
         )
         completions = {p["task_id"]: [truncate_completion(s) for s in outs] for p, outs in zip(problems, samples)}
-        scored = evaluate_humaneval(problems, completions, ks=ks, workers=int(eval_cfg.get("workers", 4)),
-                                    timeout=float(eval_cfg.get("timeout", 3.0)),
-                                    memory_mb=int(eval_cfg.get("memory_mb", 1024)))
-        per_problem = {r["task_id"]: r for r in scored["per_problem"]}
-        records = [{"task_id": p["task_id"], "completions": completions[p["task_id"]],
-                    "n": per_problem[p["task_id"]]["n"], "c": per_problem[p["task_id"]]["c"],
-                    "statuses": per_problem[p["task_id"]]["statuses"]} for p in problems]
-        atomic_write_jsonl(Path(out_dir) / "predictions" / f"{set_name}.jsonl", records)
-        for key, value in scored["pass@k"].items():
-            metrics[f"eval/code/{set_name}/{key}"] = value
-        log.info("eval code/%s: %s", set_name, scored["pass@k"])
+        rows = sample_rows(problems, completions)
+        if not execute:
+            path = atomic_write_jsonl(pred_dir / f"{set_name}{SAMPLES_SUFFIX}", rows)
+            log.info("eval code/%s: samples written to %s (eval.execute=false); score them with "
+                     "`python -m comol.eval.execute %s`", set_name, path, path)
+            continue
+        set_metrics, records = score_samples(
+            rows, set_name, ks=ks, workers=int(eval_cfg.get("workers", 4)),
+            timeout=float(eval_cfg.get("timeout", 3.0)), memory_mb=int(eval_cfg.get("memory_mb", 1024)),
+            allow_unconfined=allow_unconfined)
+        atomic_write_jsonl(pred_dir / f"{set_name}.jsonl", records)
+        metrics.update(set_metrics)
     return metrics

@@ -16,9 +16,10 @@ import evaluate
 from comol.tools.sandbox import evaluate_programs
 from comol.eval.passk import mean_pass_at_k
 
-_DESCRIPTION = """Unbiased pass@k (Chen et al., 2021) of candidate programs executed in a
-sandboxed subprocess (own process group, resource limits, no network where namespaces are
-available). Only k values not larger than the smallest number of candidates are reported."""
+_DESCRIPTION = """Unbiased pass@k (Chen et al., 2021) of candidate programs executed confined by
+the operating system (bubblewrap; refused when it is unavailable), where a candidate passes only
+when the harness reports that its checks ran to completion. Only k values not larger than the
+smallest number of candidates are reported."""
 
 _KWARGS_DESCRIPTION = """
 Args:
