@@ -26,6 +26,7 @@ from comol.io_utils import atomic_write_json, atomic_write_text
 from comol.models import load_backbone
 from comol.models.best_adapter import BestAdapterKeeper
 from comol.models.lit_module import AdapterLM
+from comol.models.progress import ProgressLog, StepProgressBar, on_terminal, quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ def finish_loggers(loggers: list, failed: bool = False) -> None:
     for lg in loggers:
         if lg.__class__.__name__ == "WandbLogger":
             import wandb
+
+            if wandb.run is not None:  # W&B's own banners are silenced (progress.quiet_libraries): one line instead
+                run_dir = Path(wandb.run.dir).parent
+                log.info("W&B run %s (%s): %s%s", wandb.run.id, wandb.run.settings.mode, run_dir,
+                         f" | upload: wandb sync {run_dir}" if wandb.run.settings.mode == "offline" else "")
 
             wandb.finish(exit_code=1 if failed else 0)
         else:
@@ -90,6 +96,7 @@ def check_eval_config(eval_cfg: dict, tokenizer=None) -> None:
 
 
 def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
+    quiet_libraries()
     out_dir = Path(cfg.paths.output_dir)
     for taken in ("results.json", "adapter"):
         if (out_dir / taken).exists():
@@ -118,8 +125,10 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
             lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True),
                                 "params/trainable": trainable, "params/total": total})
         keeper = BestAdapterKeeper(cfg.select_best) if cfg.get("select_best") else None
+        bar = bool(cfg.trainer.enable_progress_bar) and on_terminal()  # redirected: progress lines instead
+        callbacks = [ProgressLog(cfg.progress_interval_s)] + ([StepProgressBar()] if bar else []) + ([keeper] if keeper else [])
         trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, default_root_dir=str(out_dir),
-                                         callbacks=[keeper] if keeper else None)
+                                         callbacks=callbacks, enable_progress_bar=bar)
         start = time.time()
         trainer.fit(lit, datamodule=datamodule)
         train_time = time.time() - start
@@ -156,6 +165,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
 
 def evaluate_saved(cfg: DictConfig) -> dict[str, float]:
     """``mode=eval adapter_path=<dir>``: rebuild the backbone named in the adapter's config, load, evaluate."""
+    quiet_libraries()
     if not cfg.get("adapter_path"):
         raise ConfigError("adapter_path is missing: mode=eval needs adapter_path=<saved adapter dir>")
     adapter_dir = Path(cfg.adapter_path)

@@ -50,7 +50,7 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
     results: list[list[str]] = [[] for _ in prompts]
     device = next(model.parameters()).device
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False, disable=None):
             idx = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
             out = model.generate(**enc, generation_config=gen_cfg)
