@@ -21,7 +21,7 @@ from comol.adapters.sharing import inject_layer_shared
 
 
 @register_adapter("comol_sh")
-@dataclass
+@dataclass(kw_only=True)
 class CoMoLShConfig(CoMoLConfig):
     """CoMoL with cross-layer shared A_t/B_t (per projection type), per-layer cores and router."""
 

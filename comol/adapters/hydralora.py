@@ -22,14 +22,13 @@ from comol.errors import config_check
 
 
 @register_adapter("hydralora")
-@dataclass
+@dataclass(kw_only=True)
 class HydraLoraConfig(LowRankConfig):
     """Asymmetric mixture: a shared down-projection A and N up-projection heads B_i."""
 
     token_routed = True
 
-    r: int = field(default=8, metadata={"help": "rank of A and of every head B_i"})
-    num_experts: int = field(default=8, metadata={"help": "number N of B heads"})
+    num_experts: int = field(metadata={"help": "number N of B heads"})
 
     def validate(self) -> None:
         config_check(isinstance(self.num_experts, int) and self.num_experts >= 1,

@@ -28,12 +28,12 @@ from comol.errors import config_check
 
 
 @register_adapter("sparsemoa")
-@dataclass
+@dataclass(kw_only=True)
 class SparseMoAConfig(MoAConfig):
     """Sparse MoA: sigmoid weights per adapter type, experts below a learned per-token threshold dropped."""
 
-    max_threshold: float = field(default=0.5, metadata={"help": "tau(x) = max_threshold * sigmoid(w.x + b), in (0, 1]"})
-    threshold_mode: str = field(default="hard", metadata={"help": "hard (MoA code, tau untrained) | ste | margin"})
+    max_threshold: float = field(metadata={"help": "tau(x) = max_threshold * sigmoid(w.x + b), in (0, 1]"})
+    threshold_mode: str = field(metadata={"help": "hard (MoA code, tau untrained) | ste | margin"})
 
     def validate(self) -> None:
         super().validate()
