@@ -1,4 +1,4 @@
-"""AdaMoLE: LoRA experts with a per-token adaptive selection threshold (methods.md §2).
+"""AdaMoLE: LoRA experts with a per-token adaptive selection threshold (docs/methods.md §2).
 
     p      = softmax(W_g x)                          (router W_g: N x n, no bias, fp32)
     tau(x) = tau_max · sigmoid(w · x + b)            (threshold net: Linear(n -> 1) with bias)

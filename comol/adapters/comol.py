@@ -1,4 +1,4 @@
-"""CoMoL: core-space mixture of LoRA experts (methods.md §1).
+"""CoMoL: core-space mixture of LoRA experts (docs/methods.md §1).
 
 Per adapted Linear W (n -> m): shared A (r x n), shared B (m x r), N cores M_i (r x r), router W_g.
 

@@ -1,4 +1,4 @@
-"""CoMoL-sh: CoMoL with A_t / B_t shared across layers per projection type (methods.md §1,
+"""CoMoL-sh: CoMoL with A_t / B_t shared across layers per projection type (docs/methods.md §1,
 ``mocorelorash`` in the official code; outside the paper's tables).
 
 Each adapted Linear keeps its own N cores and router; the forward pass is CoMoL's unchanged

@@ -1,4 +1,4 @@
-"""DenseLoRA: cross-layer shared encoder/decoder with a dense per-module r x r matrix (methods.md §2).
+"""DenseLoRA: cross-layer shared encoder/decoder with a dense per-module r x r matrix (docs/methods.md §2).
 
     h = W x + s · GELU(B_t · C · GELU(A_t · Drop(x)))
 

@@ -1,4 +1,4 @@
-"""FlyLoRA: a frozen sparse random A with per-token top-k rank selection (methods.md §2).
+"""FlyLoRA: a frozen sparse random A with per-token top-k rank selection (docs/methods.md §2).
 
     a    = A · Drop(x)                              A: r x n, FROZEN, sparse random
     S    = top-k_j (a_j + bias_j)                   per token; bias steers selection only

@@ -1,4 +1,4 @@
-"""HydraLoRA: one shared A, N expert heads B_i mixed by a dense softmax router (methods.md §2).
+"""HydraLoRA: one shared A, N expert heads B_i mixed by a dense softmax router (docs/methods.md §2).
 
     z = A · Drop(x)                                 (A: r x n, shared by the heads)
     g = softmax(W_g x)                              (router W_g: N x n, no bias, fp32)

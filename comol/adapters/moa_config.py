@@ -1,4 +1,4 @@
-"""Config base and injection shared by the block-level adapters (methods.md §3).
+"""Config base and injection shared by the block-level adapters (docs/methods.md §3).
 
 ``inject_block_plan`` adds, to every decoder layer of a Llama/Qwen3-style model, the experts a
 ``BlockPlan`` asks for (gated LoRA on the targeted Linears, a prompt expert, a parallel adapter)

@@ -1,6 +1,6 @@
 """Sparse mixtures of LoRA experts: top-k routing (``mola``) and threshold routing (``mole``).
 
-Both reuse MoLoRA's stacked experts (molora.py) and only change the routing (methods.md §2):
+Both reuse MoLoRA's stacked experts (molora.py) and only change the routing (docs/methods.md §2):
 
 ``mola`` (MoLA / top-k MoE-LoRA)
     p = softmax(W_g x);  S = top-k(p);  w_i = p_i / sum_{j in S} p_j for i in S, else 0

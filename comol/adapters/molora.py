@@ -1,4 +1,4 @@
-"""MoLoRA: a dense softmax mixture of N LoRA experts per adapted Linear (methods.md §2).
+"""MoLoRA: a dense softmax mixture of N LoRA experts per adapted Linear (docs/methods.md §2).
 
     g = softmax(W_g x)                              (router W_g: N x n, no bias, fp32)
     h = W x + s · sum_i g_i B_i A_i Drop(x)

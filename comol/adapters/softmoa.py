@@ -1,4 +1,4 @@
-"""Soft MoA (MoA paper, methods.md §3): every expert of a decoder block, weighted by a per-block router.
+"""Soft MoA (MoA paper, docs/methods.md §3): every expert of a decoder block, weighted by a per-block router.
 
 Experts per block: gated LoRA on q, k, v, o, down (r=8, alpha=8), a prompt expert (P=10) and a
 parallel adapter (a=16). Router (one per block, reading the block input after input_layernorm):
