@@ -78,7 +78,7 @@ def test_adapter_values_are_written_once():
         with_default = [f.name for f in dataclasses.fields(cls)
                         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
         assert not with_default, f"{cls.__name__} restates defaults of conf/adapter/{name}.yaml: {with_default}"
-        stated = set(resolved_adapter(name)) - {"name"}
+        stated = set(group_option("adapter", name)) - {"name"}  # == the composed node (test above)
         assert stated == fields, f"conf/adapter/{name}.yaml: missing {fields - stated}, unknown {stated - fields}"
 
 
