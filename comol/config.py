@@ -1,4 +1,5 @@
-"""Config helpers: OmegaConf resolvers and composing ``conf/`` outside of ``run.py``."""
+"""Config helpers: OmegaConf resolvers, composing ``conf/`` outside of ``run.py``, and reading one
+group option (e.g. an adapter preset) on its own."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from comol import CONF_DIR, ROOT
+from comol.errors import ConfigError
 from comol.eval.eval_files import default_data_dir
 
 
@@ -36,3 +38,18 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def group_option(group: str, option: str) -> DictConfig:
+    """``conf/<group>/<option>.yaml`` as one node, unresolved, its ``defaults:`` list (options of the same
+    group and ``_self_``) merged in Hydra's order. Unlike :func:`compose` it needs no Hydra instance, so it
+    also works inside a running ``run.py`` job."""
+    path = CONF_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+        raise ConfigError(f"{group}={option!r} has no file {path}; known: {known}")
+    own = OmegaConf.load(path)
+    parts = list(own.pop("defaults", None) or [])
+    if "_self_" not in parts:
+        parts.append("_self_")
+    return OmegaConf.merge(*(own if part == "_self_" else group_option(group, part) for part in parts))

@@ -11,7 +11,7 @@ def naive_lora(mod, x):
 
 
 def naive_comol(mod, x):
-    """Per-token loop of methods.md §1: h - Wx = s·B·(sum_i g_i M_i)·(A x)."""
+    """Per-token loop of docs/methods.md §1: h - Wx = s·B·(sum_i g_i M_i)·(A x)."""
     A, B, M, Wg = mod.lora_A, mod.lora_B, mod.adapter_cores, mod.adapter_router.weight
     rows = []
     for t in range(x.shape[0]):

@@ -4,7 +4,7 @@ formula is checked against an independent re-implementation in tests/test_moa_ad
 
 Exact no-ops at init: ``prompt`` (zero per-head gate) and any MoA configuration without the
 parallel adapter (LoRA B = 0, prompt gate = 0). The parallel adapter (xavier gain 1e-4, biases 0)
-is only a *near* no-op, so every case containing it has noop_at_init=False.
+is only a *near* no-op, so every case containing it checks its no-op within ``NEAR_NOOP_ATOL``.
 """
 
 from adapter_cases import AdapterCase
@@ -44,31 +44,32 @@ def block_count(*, r=0, targets=LORA_TARGETS, adapter_size=0, prompt_length=0, r
 
 
 MICRO = {"r": 4, "adapter_size": 8, "prompt_length": 3}
+#: logits change allowed at init when the parallel adapter is present (its init is tiny, not zero)
+NEAR_NOOP_ATOL = 1e-5
 
 CASES = [
-    AdapterCase("softmoa", {"name": "softmoa", **MICRO}, noop_at_init=False,
+    AdapterCase("softmoa", {"name": "softmoa", **MICRO}, noop_atol=NEAR_NOOP_ATOL,
                 count_model=block_count(r=4, adapter_size=8, prompt_length=3, router="swiglu", slots=7)),
     AdapterCase("softmoa_instance_full",
                 {"name": "softmoa", **MICRO, "router_level": "instance", "instance_pooling": "full", "router": "linear"},
-                noop_at_init=False,
+                noop_atol=NEAR_NOOP_ATOL,
                 count_model=block_count(r=4, adapter_size=8, prompt_length=3, router="linear", slots=7)),
     AdapterCase("softmoa_instance_causal_no_pa",  # no parallel adapter: an exact no-op at init
                 {"name": "softmoa", **MICRO, "router_level": "instance", "parallel_adapter": False,
                  "router_input": "raw", "router_bias": False, "dropout": 0.0},
-                noop_at_init=True,
                 count_model=block_count(r=4, prompt_length=3, router="swiglu", slots=6, bias=False)),
-    AdapterCase("sparsemoa_ste", {"name": "sparsemoa", **MICRO, "threshold_mode": "ste"}, noop_at_init=False,
+    AdapterCase("sparsemoa_ste", {"name": "sparsemoa", **MICRO, "threshold_mode": "ste"}, noop_atol=NEAR_NOOP_ATOL,
                 count_model=block_count(r=4, adapter_size=8, router="swiglu", slots=6, threshold=True)),
     AdapterCase("sparsemoa_margin_prompt",
                 {"name": "sparsemoa", **MICRO, "threshold_mode": "margin", "prompt_expert": True,
                  "target_modules": ["q_proj", "v_proj"], "max_threshold": 1.0},
-                noop_at_init=False,
+                noop_atol=NEAR_NOOP_ATOL,
                 count_model=block_count(r=4, targets=("q_proj", "v_proj"), adapter_size=8, prompt_length=3,
                                         router="swiglu", slots=4, threshold=True)),
-    AdapterCase("prompt", {"name": "prompt", "prompt_length": 3}, noop_at_init=True,
+    AdapterCase("prompt", {"name": "prompt", "prompt_length": 3},
                 count_model=block_count(prompt_length=3)),
-    AdapterCase("parallel_adapter", {"name": "parallel_adapter", "adapter_size": 8}, noop_at_init=False,
+    AdapterCase("parallel_adapter", {"name": "parallel_adapter", "adapter_size": 8}, noop_atol=NEAR_NOOP_ATOL,
                 count_model=block_count(adapter_size=8)),
-    AdapterCase("unipeft", {"name": "unipeft", **MICRO}, noop_at_init=False,
+    AdapterCase("unipeft", {"name": "unipeft", **MICRO}, noop_atol=NEAR_NOOP_ATOL,
                 count_model=block_count(r=4, adapter_size=8, prompt_length=3, router="linear", slots=3)),
 ]

@@ -1,4 +1,4 @@
-"""Cases for the mixture-of-LoRA baselines (methods.md §2): MoLoRA, HydraLoRA, MoLA, MoLE, AdaMoLE,
+"""Cases for the mixture-of-LoRA baselines (docs/methods.md §2): MoLoRA, HydraLoRA, MoLA, MoLE, AdaMoLE,
 FlyLoRA, DenseLoRA and CoMoL-sh.
 
 The naive formulas below loop over tokens and experts and only read the module's tensors; they

@@ -1,4 +1,4 @@
-"""Commonsense label extraction and scoring (methods.md §6), checked on the real files."""
+"""Commonsense label extraction and scoring (docs/methods.md §6), checked on the real files."""
 
 from __future__ import annotations
 

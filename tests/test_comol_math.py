@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import math
-import sys
-import pathlib
 
 import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from cases_core import naive_comol  # noqa: E402
+from cases_core import naive_comol
 
-from comol.adapters import inject_adapter  # noqa: E402
-from comol.adapters.comol import CoMoLConfig, CoMoLLinear  # noqa: E402
-from comol.errors import ConfigError  # noqa: E402
+from comol.adapters import build_adapter_config, inject_adapter
+from comol.adapters.comol import CoMoLLinear
+from comol.errors import ConfigError
 
 
 class One(nn.Module):
@@ -154,4 +151,4 @@ def test_core_dropout_only_in_training():
                                          ("mixing", "stack"), ("core_dropout", -0.1)])
 def test_invalid_settings_name_the_key(field, value):
     with pytest.raises(ConfigError, match=rf"adapter\.{field}="):
-        CoMoLConfig(**{field: value})
+        build_adapter_config({"name": "comol", field: value})

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import shutil
-import sys
 
 import pytest
 import torch
 from transformers import GenerationConfig
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from conftest import micro_model_cfg  # noqa: E402
+from conftest import micro_model_cfg
 
-from comol.adapters import load_adapter  # noqa: E402
-from comol.config import compose  # noqa: E402
-from comol.errors import CheckpointError  # noqa: E402
-from comol.eval.generate import generate_responses  # noqa: E402
-from comol.eval.runner import truncate_completion  # noqa: E402
-from comol.models import load_backbone  # noqa: E402
-from comol.pipeline import run  # noqa: E402
+from comol.adapters import load_adapter
+from comol.config import compose
+from comol.errors import CheckpointError
+from comol.eval.generate import generate_responses
+from comol.eval.runner import truncate_completion
+from comol.models import load_backbone
+from comol.pipeline import run
 
 GREEDY = {"do_sample": False, "num_samples": 1}
 PROMPTS = ["Ann has 3 apples", "The answer is", "Below is an instruction"]

@@ -1,4 +1,4 @@
-"""Math answer extraction and scoring (methods.md §6), checked on the real evaluation files."""
+"""Math answer extraction and scoring (docs/methods.md §6), checked on the real evaluation files."""
 
 from __future__ import annotations
 

@@ -8,20 +8,17 @@ with the KV cache; gradient checkpointing; fp32 routers; invalid settings; unsup
 
 from __future__ import annotations
 
-import pathlib
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from adapter_cases import randomize_adapter_  # noqa: E402
-from conftest import fresh_micro_model  # noqa: E402
+from adapter_cases import randomize_adapter_
+from conftest import fresh_micro_model
 
-from comol.adapters import adapter_context, build_adapter_config, inject_adapter, is_adapter_name  # noqa: E402
-from comol.errors import ConfigError  # noqa: E402
+from comol.adapters import adapter_context, build_adapter_config, inject_adapter, is_adapter_name
+from comol.errors import ConfigError
 
 FAMILIES = ("qwen3", "llama")
 fresh = fresh_micro_model

@@ -1,4 +1,4 @@
-"""Parameter accounting on the meta device reproduces the paper (methods.md §4)."""
+"""Parameter accounting on the meta device reproduces the paper (docs/methods.md §4)."""
 
 import subprocess
 import sys
@@ -48,7 +48,7 @@ def test_bad_override_is_one_line_error(capsys):
     assert err.startswith("error:") and "adapter/nope" in err and "\n" not in err
 
 
-PAPER_TABLE_2 = {  # methods.md §4: Qwen3-8B, q,k,v,o,down, the papers' "Param" column
+PAPER_TABLE_2 = {  # docs/methods.md §4: Qwen3-8B, q,k,v,o,down, the papers' "Param" column
     "lora": 24.77, "molora": 107.35, "hydralora": 49.55, "mola": 107.35, "adamole": 108.38,
     "sparsemoa": 24.49, "comol_nocr": 33.39, "comol": 25.16,
 }

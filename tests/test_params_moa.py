@@ -1,4 +1,4 @@
-"""The MoA paper's parameter figures on Qwen3-8B (methods.md §3/§4), on the meta device.
+"""The MoA paper's parameter figures on Qwen3-8B (docs/methods.md §3/§4), on the meta device.
 
 Convention that reproduces them (see conf/adapter/sparsemoa.yaml): LoRA r=8 on q,k,v,o,down;
 parallel adapter a=16 with both biases; SwiGLU router with hidden 4K and a bias on all three

@@ -1,4 +1,4 @@
-"""Trainable parameters of the mixture-of-LoRA baselines on Qwen3-8B (methods.md §4), on the meta device."""
+"""Trainable parameters of the mixture-of-LoRA baselines on Qwen3-8B (docs/methods.md §4), on the meta device."""
 
 import pytest
 

@@ -33,7 +33,7 @@ PRESETS = [e for e in EXPERIMENTS if not e.startswith("recipe/")]
 SEEDS = {0, 125, 1225}
 MATH_SETS = ["AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP"]
 
-# methods.md §2/§4/§7: the paper's per-method settings (alpha = r everywhere)
+# docs/methods.md §2/§4/§7: the paper's per-method settings (alpha = r everywhere)
 MATH_8B = {
     "LoRA": ("lora", {"r": 16}),
     "MoLoRA": ("molora", {"r": 8, "num_experts": 8}),

@@ -13,6 +13,7 @@ from comol.adapters.base import (  # noqa: F401
     AdapterLinear,
     LowRankConfig,
     adapter_config_class,
+    adapter_preset,
     aux_loss,
     build_adapter_config,
     is_adapter_name,

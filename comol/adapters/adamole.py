@@ -1,4 +1,4 @@
-"""AdaMoLE: LoRA experts with a per-token adaptive selection threshold (methods.md §2).
+"""AdaMoLE: LoRA experts with a per-token adaptive selection threshold (docs/methods.md §2).
 
     p      = softmax(W_g x)                          (router W_g: N x n, no bias, fp32)
     tau(x) = tau_max · sigmoid(w · x + b)            (threshold net: Linear(n -> 1) with bias)
@@ -30,12 +30,11 @@ from comol.errors import config_check
 
 
 @register_adapter("adamole")
-@dataclass
+@dataclass(kw_only=True)
 class AdaMoleConfig(MoLoRAConfig):
     """Mixture of LoRA experts with an input-dependent threshold tau(x) = tau_max·sigmoid(w·x + b)."""
 
-    tau_max: float | None = field(default=None, metadata={"help": "maximum threshold, in (0, 1]; null = 1/N"})
-    aux_loss_coeff: float = field(default=1e-3, metadata={"help": "weight of the summed load-balancing loss"})
+    tau_max: float | None = field(metadata={"help": "maximum threshold, in (0, 1]; null = 1/N"})
 
     def validate(self) -> None:
         super().validate()

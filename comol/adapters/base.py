@@ -20,7 +20,6 @@ from comol.adapters.context import ContextBound, adapter_context
 from comol.errors import ConfigError, config_check
 
 ADAPTER_PREFIX = "adapter_"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
 
 _REGISTRY: dict[str, type["AdapterConfig"]] = {}
 
@@ -49,7 +48,12 @@ def adapter_config_class(name: str) -> type["AdapterConfig"]:
 
 
 def build_adapter_config(values: Mapping[str, Any]) -> "AdapterConfig":
-    """Turn the ``adapter`` config node (a mapping with ``name``) into a validated config object."""
+    """Turn the ``adapter`` config node (a mapping with ``name``) into a validated config object.
+
+    The config dataclasses hold no default values: fields missing from ``values`` come from the
+    adapter's preset ``conf/adapter/<name>.yaml`` (the one place the paper settings are written),
+    with ``values`` merged over it before interpolations such as ``alpha: ${.r}`` are resolved.
+    """
     values = dict(values)
     if "name" not in values:
         raise ConfigError("adapter.name is missing: expected one of " + ", ".join(registered_adapters()))
@@ -60,7 +64,21 @@ def build_adapter_config(values: Mapping[str, Any]) -> "AdapterConfig":
         raise ConfigError(
             f"adapter.{unknown[0]} is not a field of adapter {cls.name!r}; known fields: {', '.join(sorted(known))}"
         )
+    if known - set(values):
+        values = adapter_preset(cls.name, values)
     return cls(**values)
+
+
+def adapter_preset(name: str, overrides: Mapping[str, Any] = ()) -> dict[str, Any]:
+    """The field values of ``conf/adapter/<name>.yaml`` (without ``name``), ``overrides`` merged over it."""
+    from omegaconf import OmegaConf
+
+    from comol.config import group_option
+
+    node = OmegaConf.merge(group_option("adapter", name), dict(overrides))
+    values = OmegaConf.to_container(node, resolve=True)
+    values.pop("name", None)
+    return values
 
 
 def is_adapter_name(param_name: str) -> bool:
@@ -68,21 +86,21 @@ def is_adapter_name(param_name: str) -> bool:
     return any(part.startswith(ADAPTER_PREFIX) for part in param_name.split("."))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AdapterConfig:
-    """Fields common to every adapter. Subclasses add their hyperparameters (with ``help`` metadata)."""
+    """Fields common to every adapter. Subclasses add their hyperparameters (with ``help`` metadata).
+
+    No field has a default: the values live once, in ``conf/adapter/<name>.yaml`` (see
+    ``build_adapter_config``, which fills what a caller leaves out from there)."""
 
     name: ClassVar[str] = ""
     #: True for adapters whose update is a function of the token (cannot be merged into W).
     token_routed: ClassVar[bool] = False
 
     target_modules: list[str] = field(
-        default_factory=lambda: list(DEFAULT_TARGETS),
         metadata={"help": "names (last path component) of the nn.Linear modules to adapt"},
     )
-    aux_loss_coeff: float = field(
-        default=0.0, metadata={"help": "weight of the summed auxiliary routing loss (0 disables it)"}
-    )
+    aux_loss_coeff: float = field(metadata={"help": "weight of the summed auxiliary routing loss (0 disables it)"})
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
@@ -116,13 +134,13 @@ class AdapterConfig:
         return names
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LowRankConfig(AdapterConfig):
     """Adapters with a LoRA-style rank, alpha/r scaling and input dropout."""
 
-    r: int = field(default=16, metadata={"help": "rank of the low-rank update (per expert where relevant)"})
-    alpha: float | None = field(default=None, metadata={"help": "scaling numerator: s = alpha / r (default alpha = r)"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter input x"})
+    r: int = field(metadata={"help": "rank of the low-rank update (per expert where relevant)"})
+    alpha: float | None = field(metadata={"help": "scaling numerator: s = alpha / r (null: alpha = r)"})
+    dropout: float = field(metadata={"help": "dropout on the adapter input x"})
 
     def __post_init__(self) -> None:
         config_check(isinstance(self.r, int) and self.r > 0, "adapter.r", self.r, "an integer > 0")

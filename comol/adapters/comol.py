@@ -1,4 +1,4 @@
-"""CoMoL: core-space mixture of LoRA experts (methods.md §1).
+"""CoMoL: core-space mixture of LoRA experts (docs/methods.md §1).
 
 Per adapted Linear W (n -> m): shared A (r x n), shared B (m x r), N cores M_i (r x r), router W_g.
 
@@ -32,20 +32,20 @@ MIXING_FORMS = ("auto", "output", "merged")
 
 
 @register_adapter("comol")
-@dataclass
+@dataclass(kw_only=True)
 class CoMoLConfig(LowRankConfig):
     """CoMoL: one shared LoRA A/B per module, N r x r cores mixed per token by a router."""
 
     token_routed = True
 
-    num_experts: int = field(default=8, metadata={"help": "number N of r x r core experts"})
+    num_experts: int = field(metadata={"help": "number N of r x r core experts"})
     core_router: bool = field(
-        default=True, metadata={"help": "route on z = A·Drop(x) (True, CoMoL) or on x (False, 'CoMoL w/o CR')"}
+        metadata={"help": "route on z = A·Drop(x) (True, CoMoL) or on x (False, 'CoMoL w/o CR')"}
     )
     core_dropout: float = field(
-        default=0.0, metadata={"help": "extra element-wise dropout on each token's merged r x r core (official code)"}
+        metadata={"help": "extra element-wise dropout on each token's merged r x r core (official code)"}
     )
-    mixing: str = field(default="auto", metadata={"help": "auto | output | merged (see module docstring)"})
+    mixing: str = field(metadata={"help": "auto | output | merged (see module docstring)"})
 
     def validate(self) -> None:
         config_check(isinstance(self.num_experts, int) and self.num_experts >= 1,

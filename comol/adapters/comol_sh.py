@@ -1,4 +1,4 @@
-"""CoMoL-sh: CoMoL with A_t / B_t shared across layers per projection type (methods.md §1,
+"""CoMoL-sh: CoMoL with A_t / B_t shared across layers per projection type (docs/methods.md §1,
 ``mocorelorash`` in the official code; outside the paper's tables).
 
 Each adapted Linear keeps its own N cores and router; the forward pass is CoMoL's unchanged
@@ -21,7 +21,7 @@ from comol.adapters.sharing import inject_layer_shared
 
 
 @register_adapter("comol_sh")
-@dataclass
+@dataclass(kw_only=True)
 class CoMoLShConfig(CoMoLConfig):
     """CoMoL with cross-layer shared A_t/B_t (per projection type), per-layer cores and router."""
 

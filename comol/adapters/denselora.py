@@ -1,4 +1,4 @@
-"""DenseLoRA: cross-layer shared encoder/decoder with a dense per-module r x r matrix (methods.md §2).
+"""DenseLoRA: cross-layer shared encoder/decoder with a dense per-module r x r matrix (docs/methods.md §2).
 
     h = W x + s · GELU(B_t · C · GELU(A_t · Drop(x)))
 
@@ -16,7 +16,7 @@ Params: sum over types t of r (n_t + m_t), plus r^2 per adapted module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +27,9 @@ from comol.adapters.sharing import SharedLowRank, inject_layer_shared
 
 
 @register_adapter("denselora")
-@dataclass
+@dataclass(kw_only=True)
 class DenseLoraConfig(LowRankConfig):
     """Shared (per projection type) A_t/B_t with a per-module dense r x r matrix between two GELUs."""
-
-    r: int = field(default=256, metadata={"help": "rank of the shared encoder/decoder and of C"})
 
     def inject(self, model: nn.Module) -> list[str]:
         return inject_layer_shared(model, self.target_modules, self.r,

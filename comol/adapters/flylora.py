@@ -1,4 +1,4 @@
-"""FlyLoRA: a frozen sparse random A with per-token top-k rank selection (methods.md §2).
+"""FlyLoRA: a frozen sparse random A with per-token top-k rank selection (docs/methods.md §2).
 
     a    = A · Drop(x)                              A: r x n, FROZEN, sparse random
     S    = top-k_j (a_j + bias_j)                   per token; bias steers selection only
@@ -34,15 +34,14 @@ from comol.errors import config_check
 
 
 @register_adapter("flylora")
-@dataclass
+@dataclass(kw_only=True)
 class FlyLoraConfig(LowRankConfig):
     """Implicit rank-wise mixture: frozen sparse random A, top-k of r ranks per token, trained B."""
 
     token_routed = True
 
-    r: int = field(default=32, metadata={"help": "rank (number of rank-1 'experts')"})
-    top_k: int = field(default=8, metadata={"help": "ranks active per token (must divide r)"})
-    bias_lr: float = field(default=1e-3, metadata={"help": "u: step of the sign-based routing-bias update"})
+    top_k: int = field(metadata={"help": "ranks active per token (must divide r)"})
+    bias_lr: float = field(metadata={"help": "u: step of the sign-based routing-bias update"})
 
     def validate(self) -> None:
         config_check(isinstance(self.top_k, int) and 1 <= self.top_k <= self.r, "adapter.top_k", self.top_k,

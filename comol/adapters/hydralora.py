@@ -1,4 +1,4 @@
-"""HydraLoRA: one shared A, N expert heads B_i mixed by a dense softmax router (methods.md §2).
+"""HydraLoRA: one shared A, N expert heads B_i mixed by a dense softmax router (docs/methods.md §2).
 
     z = A · Drop(x)                                 (A: r x n, shared by the heads)
     g = softmax(W_g x)                              (router W_g: N x n, no bias, fp32)
@@ -22,14 +22,13 @@ from comol.errors import config_check
 
 
 @register_adapter("hydralora")
-@dataclass
+@dataclass(kw_only=True)
 class HydraLoraConfig(LowRankConfig):
     """Asymmetric mixture: a shared down-projection A and N up-projection heads B_i."""
 
     token_routed = True
 
-    r: int = field(default=8, metadata={"help": "rank of A and of every head B_i"})
-    num_experts: int = field(default=8, metadata={"help": "number N of B heads"})
+    num_experts: int = field(metadata={"help": "number N of B heads"})
 
     def validate(self) -> None:
         config_check(isinstance(self.num_experts, int) and self.num_experts >= 1,

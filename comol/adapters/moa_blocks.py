@@ -1,4 +1,4 @@
-"""Building blocks of the block-level adapters of the MoA paper (methods.md §3).
+"""Building blocks of the block-level adapters of the MoA paper (docs/methods.md §3).
 
 They hook into transformers' Llama / Qwen3 decoder layers without forking the modeling files:
 

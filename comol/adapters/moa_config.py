@@ -1,4 +1,4 @@
-"""Config base and injection shared by the block-level adapters (methods.md §3).
+"""Config base and injection shared by the block-level adapters (docs/methods.md §3).
 
 ``inject_block_plan`` adds, to every decoder layer of a Llama/Qwen3-style model, the experts a
 ``BlockPlan`` asks for (gated LoRA on the targeted Linears, a prompt expert, a parallel adapter)
@@ -107,7 +107,7 @@ def inject_block_plan(model: nn.Module, plan: BlockPlan) -> list[str]:
     return added
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MoAConfig(LowRankConfig):
     """Heterogeneous mixture of adapters per decoder block: gated LoRA experts (``target_modules``),
     an optional prompt expert and parallel adapter, and a per-block sigmoid router."""
@@ -116,22 +116,18 @@ class MoAConfig(LowRankConfig):
     #: router slots: one per LoRA target ("type") or one for all LoRA targets ("family")
     gate_by: ClassVar[str] = "type"
 
-    r: int = field(default=8, metadata={"help": "rank of every LoRA expert"})
-    adapter_size: int = field(default=16, metadata={"help": "bottleneck size a of the parallel adapter"})
-    parallel_adapter: bool = field(default=True, metadata={"help": "add the parallel adapter expert (MLP side)"})
-    prompt_expert: bool = field(default=False, metadata={"help": "add the prompt expert (attention side)"})
-    prompt_length: int = field(default=10, metadata={"help": "number P of prompt vectors per layer"})
-    router: str = field(default="swiglu", metadata={"help": "linear (d -> K) | swiglu (hidden K * router_hidden_mult)"})
-    router_hidden_mult: int = field(default=4, metadata={"help": "SwiGLU router hidden size = K * this"})
-    router_bias: bool = field(default=True, metadata={"help": "biases in the router Linears (MoA code: yes)"})
+    adapter_size: int = field(metadata={"help": "bottleneck size a of the parallel adapter"})
+    parallel_adapter: bool = field(metadata={"help": "add the parallel adapter expert (MLP side)"})
+    prompt_expert: bool = field(metadata={"help": "add the prompt expert (attention side)"})
+    prompt_length: int = field(metadata={"help": "number P of prompt vectors per layer"})
+    router: str = field(metadata={"help": "linear (d -> K) | swiglu (hidden K * router_hidden_mult)"})
+    router_hidden_mult: int = field(metadata={"help": "SwiGLU router hidden size = K * this"})
+    router_bias: bool = field(metadata={"help": "biases in the router Linears (MoA code: yes)"})
     router_input: str = field(
-        default="normed", metadata={"help": "normed: the block input after input_layernorm (MoA code) | raw: before"}
-    )
-    router_level: str = field(default="token", metadata={"help": "token | instance (mean over non-padding tokens)"})
+        metadata={"help": "normed: the block input after input_layernorm (MoA code) | raw: before"})
+    router_level: str = field(metadata={"help": "token | instance (mean over non-padding tokens)"})
     instance_pooling: str = field(
-        default="causal",
-        metadata={"help": "instance level: causal (prefix mean, no look-ahead) | full (whole-sequence mean)"},
-    )
+        metadata={"help": "instance level: causal (prefix mean, no look-ahead) | full (whole-sequence mean)"})
 
     def validate(self) -> None:
         ok_int = lambda v, lo: isinstance(v, int) and not isinstance(v, bool) and v >= lo  # noqa: E731

@@ -1,6 +1,6 @@
 """Sparse mixtures of LoRA experts: top-k routing (``mola``) and threshold routing (``mole``).
 
-Both reuse MoLoRA's stacked experts (molora.py) and only change the routing (methods.md §2):
+Both reuse MoLoRA's stacked experts (molora.py) and only change the routing (docs/methods.md §2):
 
 ``mola`` (MoLA / top-k MoE-LoRA)
     p = softmax(W_g x);  S = top-k(p);  w_i = p_i / sum_{j in S} p_j for i in S, else 0
@@ -35,12 +35,11 @@ from comol.errors import config_check
 
 
 @register_adapter("mola")
-@dataclass
+@dataclass(kw_only=True)
 class MolaConfig(MoLoRAConfig):
     """Top-k routed mixture of LoRA experts with renormalised weights and a load-balancing loss."""
 
-    top_k: int = field(default=2, metadata={"help": "experts used per token (1 <= top_k <= num_experts)"})
-    aux_loss_coeff: float = field(default=1e-3, metadata={"help": "weight of the summed load-balancing loss"})
+    top_k: int = field(metadata={"help": "experts used per token (1 <= top_k <= num_experts)"})
 
     def validate(self) -> None:
         super().validate()
@@ -52,13 +51,12 @@ class MolaConfig(MoLoRAConfig):
 
 
 @register_adapter("mole")
-@dataclass
+@dataclass(kw_only=True)
 class MoleConfig(MoLoRAConfig):
     """Threshold-routed mixture: experts with p_i >= threshold (and always the argmax), renormalised."""
 
     threshold: float | None = field(
-        default=None, metadata={"help": "keep experts with probability >= threshold, in (0, 1]; null = 1/N"})
-    aux_loss_coeff: float = field(default=1e-3, metadata={"help": "weight of the summed load-balancing loss"})
+        metadata={"help": "keep experts with probability >= threshold, in (0, 1]; null = 1/N"})
 
     def validate(self) -> None:
         super().validate()

@@ -1,4 +1,4 @@
-"""MoLoRA: a dense softmax mixture of N LoRA experts per adapted Linear (methods.md §2).
+"""MoLoRA: a dense softmax mixture of N LoRA experts per adapted Linear (docs/methods.md §2).
 
     g = softmax(W_g x)                              (router W_g: N x n, no bias, fp32)
     h = W x + s · sum_i g_i B_i A_i Drop(x)
@@ -29,14 +29,13 @@ from comol.errors import config_check
 
 
 @register_adapter("molora")
-@dataclass
+@dataclass(kw_only=True)
 class MoLoRAConfig(LowRankConfig):
     """Dense softmax mixture of N LoRA experts (r per expert)."""
 
     token_routed = True
 
-    r: int = field(default=8, metadata={"help": "rank of each LoRA expert"})
-    num_experts: int = field(default=8, metadata={"help": "number N of LoRA experts"})
+    num_experts: int = field(metadata={"help": "number N of LoRA experts"})
 
     def validate(self) -> None:
         config_check(isinstance(self.num_experts, int) and self.num_experts >= 1,

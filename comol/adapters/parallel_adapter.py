@@ -17,16 +17,15 @@ from comol.errors import config_check
 
 
 @register_adapter("parallel_adapter")
-@dataclass
+@dataclass(kw_only=True)
 class ParallelAdapterConfig(AdapterConfig):
     """A SiLU bottleneck adapter in parallel with every decoder layer's MLP."""
 
 
     target_modules: list[str] = field(
-        default_factory=lambda: ["mlp"],
         metadata={"help": "where it attaches: the MLP of every decoder layer (fixed: [mlp])"},
     )
-    adapter_size: int = field(default=16, metadata={"help": "bottleneck size a"})
+    adapter_size: int = field(metadata={"help": "bottleneck size a"})
 
     def validate(self) -> None:
         config_check(self.target_modules == ["mlp"], "adapter.target_modules", self.target_modules,

@@ -18,16 +18,15 @@ from comol.errors import config_check
 
 
 @register_adapter("prompt")
-@dataclass
+@dataclass(kw_only=True)
 class PromptTuningConfig(AdapterConfig):
     """Per-layer prompt vectors attended through the frozen attention (gated per head)."""
 
 
     target_modules: list[str] = field(
-        default_factory=lambda: ["self_attn"],
         metadata={"help": "where it attaches: the attention module of every decoder layer (fixed: [self_attn])"},
     )
-    prompt_length: int = field(default=10, metadata={"help": "number P of prompt vectors per layer"})
+    prompt_length: int = field(metadata={"help": "number P of prompt vectors per layer"})
 
     def validate(self) -> None:
         config_check(self.target_modules == ["self_attn"], "adapter.target_modules", self.target_modules,

@@ -1,4 +1,4 @@
-"""Routing helpers shared by the mixture-of-experts adapters (methods.md §2).
+"""Routing helpers shared by the mixture-of-experts adapters (docs/methods.md §2).
 
 * ``router_probs``: softmax router computed in fp32 with autocast off, whatever the input dtype.
 * ``topk_mask`` / ``renormalise``: hard selection and renormalisation of routing weights.

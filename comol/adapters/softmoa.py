@@ -1,4 +1,4 @@
-"""Soft MoA (MoA paper, methods.md §3): every expert of a decoder block, weighted by a per-block router.
+"""Soft MoA (MoA paper, docs/methods.md §3): every expert of a decoder block, weighted by a per-block router.
 
 Experts per block: gated LoRA on q, k, v, o, down (r=8, alpha=8), a prompt expert (P=10) and a
 parallel adapter (a=16). Router (one per block, reading the block input after input_layernorm):
@@ -16,15 +16,13 @@ prompt expert switched off; with the prompt expert (K = 7) it is 27.00M. See con
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from comol.adapters.base import register_adapter
 from comol.adapters.moa_config import MoAConfig
 
 
 @register_adapter("softmoa")
-@dataclass
+@dataclass(kw_only=True)
 class SoftMoAConfig(MoAConfig):
     """Soft MoA: dense sigmoid weights per adapter type."""
-
-    prompt_expert: bool = field(default=True, metadata={"help": "add the prompt expert (K = 7 with it)"})

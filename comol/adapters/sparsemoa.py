@@ -1,4 +1,4 @@
-"""Sparse MoA (MoA paper, methods.md §3): Soft MoA without the prompt expert (K = 6) plus a per-token
+"""Sparse MoA (MoA paper, docs/methods.md §3): Soft MoA without the prompt expert (K = 6) plus a per-token
 threshold.
 
     w      = sigmoid(router(x))                       [K]   router: SwiGLU, hidden 4K, biases
@@ -13,7 +13,7 @@ threshold Linear gets NO gradient and stays at its initial values — under DDP 
 Unselected experts are computed densely and multiplied by 0 (same outputs and gradients as skipping
 them; the LoRA/PA experts are cheap next to the frozen projections).
 
-Parameter count on Qwen3-8B: 24,485,436 = 24.49M (methods.md §4), see conf/adapter/sparsemoa.yaml.
+Parameter count on Qwen3-8B: 24,485,436 = 24.49M (docs/methods.md §4), see conf/adapter/sparsemoa.yaml.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from comol.errors import config_check
 
 
 @register_adapter("sparsemoa")
-@dataclass
+@dataclass(kw_only=True)
 class SparseMoAConfig(MoAConfig):
     """Sparse MoA: sigmoid weights per adapter type, experts below a learned per-token threshold dropped."""
 
-    max_threshold: float = field(default=0.5, metadata={"help": "tau(x) = max_threshold * sigmoid(w.x + b), in (0, 1]"})
-    threshold_mode: str = field(default="hard", metadata={"help": "hard (MoA code, tau untrained) | ste | margin"})
+    max_threshold: float = field(metadata={"help": "tau(x) = max_threshold * sigmoid(w.x + b), in (0, 1]"})
+    threshold_mode: str = field(metadata={"help": "hard (MoA code, tau untrained) | ste | margin"})
 
     def validate(self) -> None:
         super().validate()

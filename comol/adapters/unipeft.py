@@ -10,19 +10,15 @@ teacher-forced training; the same with and without the KV cache), with ``full`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from comol.adapters.base import register_adapter
 from comol.adapters.moa_config import MoAConfig
 
 
 @register_adapter("unipeft")
-@dataclass
+@dataclass(kw_only=True)
 class UniPEFTConfig(MoAConfig):
     """Instance-level gates per adapter family (LoRA / prompt / parallel adapter)."""
 
     gate_by = "family"
-
-    prompt_expert: bool = field(default=True, metadata={"help": "add the prompt family"})
-    router: str = field(default="linear", metadata={"help": "gate network: linear (d -> families) | swiglu"})
-    router_level: str = field(default="instance", metadata={"help": "instance (UniPEFT) | token"})

@@ -1,4 +1,4 @@
-"""Alpaca prompt template (methods.md §5)."""
+"""Alpaca prompt template (docs/methods.md §5)."""
 
 from __future__ import annotations
 

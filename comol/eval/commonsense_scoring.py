@@ -1,4 +1,4 @@
-"""Scoring of the commonsense evaluation sets (methods.md §6).
+"""Scoring of the commonsense evaluation sets (docs/methods.md §6).
 
 The prediction is the first word of the set's label vocabulary found in the response
 (case-insensitive, e.g. "the correct answer is answer2" -> ``answer2``); a response with

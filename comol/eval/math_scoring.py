@@ -1,4 +1,4 @@
-"""Scoring of the math evaluation sets (methods.md §6).
+"""Scoring of the math evaluation sets (docs/methods.md §6).
 
 Numeric sets (AddSub, GSM8K, MultiArith, SingleEq, SVAMP): the prediction is the LAST number
 in the response (thousands separators removed, a trailing ``a/b`` read as a fraction) and is

@@ -11,7 +11,7 @@ from comol.errors import ConfigError
 
 class BestAdapterKeeper(L.Callback):
     """After each validation, copy the adapter tensors when ``monitor`` improves; ``restore`` puts
-    the best copy back (methods.md §5: the 5-epoch code runs keep the epoch with the lowest val loss)."""
+    the best copy back (docs/methods.md §5: the 5-epoch code runs keep the epoch with the lowest val loss)."""
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min"):
         if mode not in ("min", "max"):

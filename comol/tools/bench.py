@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from comol.adapters import count_parameters, inject_adapter
+from comol.adapters import adapter_preset, count_parameters, inject_adapter
 from comol.adapters.comol import CoMoLConfig, CoMoLLinear
 from comol.models import load_backbone
 
@@ -55,7 +55,8 @@ def _adapter(values: dict) -> Callable[[torch.nn.Module], None]:
 
 
 def _naive(r: int, n_exp: int) -> Callable[[torch.nn.Module], None]:
-    return lambda model: inject_adapter(model, NaiveCoMoLConfig(r=r, num_experts=n_exp))
+    cfg = NaiveCoMoLConfig(**adapter_preset("comol", {"r": r, "num_experts": n_exp}))
+    return lambda model: inject_adapter(model, cfg)
 
 
 def default_variants() -> list[Variant]:
