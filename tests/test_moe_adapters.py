@@ -405,24 +405,27 @@ def test_merge_refuses_unmergeable_adapters(adapter, reason):
     assert repr(adapter["name"]) in str(info.value) and reason in str(info.value)
 
 
-def test_flylora_bias_moves_once_per_optimizer_step_with_accumulation(tmp_path):
+def test_flylora_bias_moves_once_per_optimizer_step_with_accumulation(tmp_path, monkeypatch):
     """With gradient accumulation the bias update uses the whole step's counts, once per optimizer step,
     and moves each rank's bias by exactly u·sign(mean(count) - count) for the counts of that step."""
     import lightning as L
 
+    from comol.adapters.flylora import FlyLoraLinear
     from comol.data import SFTDataModule, generate_toy_math
 
+    seen: dict = {}  # layer -> the counts each update was made from
+    original = FlyLoraLinear.update_bias
+
+    def spy(self):
+        seen.setdefault(self, []).append(self.adapter_step_counts.clone())
+        original(self)
+
+    monkeypatch.setattr(FlyLoraLinear, "update_bias", spy)  # before injection: the context binds the spy
     model, tok = micro()
     inject_adapter(model, {"name": "flylora", "r": 8, "top_k": 2, "bias_lr": 1e-3})
     rows = generate_toy_math(16, seed=5)
     dm = SFTDataModule({"batch_size": 4, "max_length": 64, "train_on_prompt": True}, tok,
                        splits={"train": rows, "val": []})
-    updates = {m: [] for m in fly_modules(model)}  # the counts each update was made from
-    for m in updates:
-        def spy(m=m, update=m.after_train_step):
-            updates[m].append(m.adapter_step_counts.clone())
-            update()
-        m.after_train_step = spy
     trainer = L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(tmp_path))
@@ -430,6 +433,7 @@ def test_flylora_bias_moves_once_per_optimizer_step_with_accumulation(tmp_path):
     assert trainer.global_step == 2
     # 2 optimizer steps x 2 micro-batches x 4 rows = the 16 rows once: every real token counted top_k times
     tokens = sum(len(encode_example(r, tok, 64)["input_ids"]) for r in rows)
+    updates = {m: seen.get(m, []) for m in fly_modules(model)}
     for m, counts in updates.items():
         assert len(counts) == 2
         assert sum(c.sum().item() for c in counts) == 2 * tokens
