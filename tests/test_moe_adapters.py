@@ -395,14 +395,64 @@ def test_safe_merge_refuses_nan_and_leaves_model_unmerged():
     ({"name": "molora", "r": 2, "num_experts": 2}, "token-routed"),
     ({"name": "flylora", "r": 4, "top_k": 2}, "token-routed"),
     ({"name": "comol_sh", "r": 2, "num_experts": 2}, "token-routed"),
+    ({"name": "hydralora", "r": 2, "num_experts": 2}, "token-routed"),
+    ({"name": "adamole", "r": 2, "num_experts": 2}, "token-routed"),
+    ({"name": "softmoa", "r": 2, "adapter_size": 4, "prompt_length": 2}, "token-routed"),
     ({"name": "denselora", "r": 2}, "not a fixed linear weight delta"),
+    ({"name": "parallel_adapter", "adapter_size": 4}, "inside the decoder blocks (model.layers.0.mlp.adapter_pa)"),
 ])
 def test_merge_refuses_unmergeable_adapters(adapter, reason):
     model, _ = micro()
     inject_adapter(model, adapter)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ComolError) as info:
         merge_adapter(model)
     assert repr(adapter["name"]) in str(info.value) and reason in str(info.value)
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+
+
+class FullRankDelta(AdapterLinear):
+    """A made-up adapter with a fixed dense update (h = W x + D x): mergeable through
+    ``delta_weight`` alone, with no merge code of its own."""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__(base_layer)
+        self.adapter_D = nn.Parameter(torch.randn(self.out_features, self.in_features) * 0.05)
+
+    def delta(self, x):
+        return x @ self.adapter_D.T
+
+    def delta_weight(self):
+        return self.adapter_D.detach().clone()
+
+
+def test_merge_goes_through_delta_weight_for_any_layer():
+    model, tok = micro()
+    attn = model.model.layers[1].self_attn
+    original = attn.v_proj.weight.detach().clone()
+    attn.v_proj = FullRankDelta(attn.v_proj)
+    batch = toy_batch(tok)
+    want = run_logits(model, batch)
+    assert merge_adapter(model) == 1
+    torch.testing.assert_close(attn.v_proj.base_layer.weight, original + attn.v_proj.adapter_D)
+    torch.testing.assert_close(run_logits(model, batch), want, atol=1e-5, rtol=1e-5)
+    assert unmerge_adapter(model) == 1 and torch.equal(attn.v_proj.base_layer.weight, original)
+
+
+def test_fold_leaves_a_plain_model_with_the_merged_weights():
+    from comol.adapters.merge import fold_adapter
+
+    model, tok = lora_model()
+    batch = toy_batch(tok)
+    want = run_logits(model, batch)
+    q = model.model.layers[0].self_attn.q_proj
+    expected_q = q.base_layer.weight + q.scaling * q.adapter_B @ q.adapter_A
+    fold_adapter(model)
+    assert not any(isinstance(m, AdapterLinear) for m in model.modules())
+    assert not hasattr(model, "comol_adapter_config")
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight, expected_q)
+    torch.testing.assert_close(run_logits(model, batch), want, atol=1e-4, rtol=1e-4)
 
 
 def test_flylora_bias_moves_once_per_optimizer_step_with_accumulation(tmp_path, monkeypatch):

@@ -173,6 +173,17 @@ def _parent_of(model: nn.Module, module_name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
+#: reasons given by ``AdapterLinear.delta_weight`` when a layer has no weight delta to merge
+NOT_LINEAR = "its update is not a fixed linear weight delta (it is a nonlinear function of x)"
+TOKEN_ROUTED = ("it is token-routed (its update depends on each token's routing), "
+                "so there is no single weight delta")
+
+
+class NoWeightDelta(Exception):
+    """``AdapterLinear.delta_weight``: this layer's update is not a fixed linear map of x (the
+    message says why). ``comol.adapters.merge`` turns it into a ComolError naming the adapter."""
+
+
 # --- wrapped Linear ---------------------------------------------------------------------
 
 class AdapterLinear(ContextBound, nn.Module):
@@ -181,6 +192,9 @@ class AdapterLinear(ContextBound, nn.Module):
     Adapter tensors are kept in fp32 (``adapter_dtype``) whatever the base dtype; the input is
     cast to that dtype for the adapter path (a no-op under autocast, which recasts matmuls).
     """
+
+    #: True while W holds W + delta_weight() (comol.adapters.merge): forward skips the adapter path
+    merged: bool = False
 
     def __init__(self, base_layer: nn.Linear):
         super().__init__()
@@ -202,6 +216,14 @@ class AdapterLinear(ContextBound, nn.Module):
     def factory_kwargs(self) -> dict[str, Any]:
         return {"device": self.base_layer.weight.device, "dtype": torch.float32}
 
+    def delta_weight(self) -> torch.Tensor:
+        """The exact weight delta dW [out, in] (fp32) with ``delta(x) == x @ dW.T`` in eval mode.
+
+        Merging and the merged export (``comol.adapters.merge``) rely on this one method. Layers
+        whose update is not a fixed linear map of x raise NoWeightDelta with the reason.
+        """
+        raise NoWeightDelta(NOT_LINEAR)
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -222,6 +244,8 @@ class AdapterLinear(ContextBound, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.fresh_call = self.context.first_call(self)
         out = self.base_layer(x)
+        if self.merged:
+            return out
         return out + self.delta(x.to(torch.float32) if not torch.is_autocast_enabled(x.device.type) else x).to(out.dtype)
 
 

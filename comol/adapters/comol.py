@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comol.adapters.base import AdapterLinear, LowRankConfig, kaiming_uniform_, register_adapter
+from comol.adapters.base import (TOKEN_ROUTED, AdapterLinear, LowRankConfig, NoWeightDelta, kaiming_uniform_,
+                                 register_adapter)
 from comol.errors import config_check
 
 MIXING_FORMS = ("auto", "output", "merged")
@@ -111,6 +112,9 @@ class CoMoLLinear(AdapterLinear):
         if self.core_dropout > 0 and self.training:
             merged = F.dropout(merged, self.core_dropout, training=True)
         return torch.bmm(merged, z.unsqueeze(-1).to(merged.dtype)).squeeze(-1)
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NoWeightDelta(TOKEN_ROUTED)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -31,6 +31,7 @@ from comol.adapters.base import AdapterLinear, LowRankConfig, register_adapter
 from comol.adapters.context import AdapterContext
 from comol.adapters.routing import topk_mask
 from comol.errors import config_check
+from comol.adapters.base import TOKEN_ROUTED, NoWeightDelta
 
 
 @register_adapter("flylora")
@@ -82,6 +83,9 @@ class FlyLoraLinear(AdapterLinear):
         """Boolean [T, r]: the top-k ranks of a + bias per token (no gradient)."""
         with torch.no_grad():
             return topk_mask(a.detach().float() + self.adapter_router_bias.float(), self.top_k)
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NoWeightDelta(TOKEN_ROUTED)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

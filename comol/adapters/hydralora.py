@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comol.adapters.base import AdapterLinear, LowRankConfig, kaiming_uniform_, register_adapter
+from comol.adapters.base import (TOKEN_ROUTED, AdapterLinear, LowRankConfig, NoWeightDelta, kaiming_uniform_,
+                                 register_adapter)
 from comol.adapters.routing import router_probs
 from comol.errors import config_check
 
@@ -47,6 +48,9 @@ class HydraLoraLinear(AdapterLinear):
         self.adapter_B = nn.Parameter(torch.zeros(cfg.num_experts, self.out_features, cfg.r, **kw))
         self.adapter_router = nn.Linear(self.in_features, cfg.num_experts, bias=False, **kw)
         self.adapter_dropout = nn.Dropout(cfg.dropout)
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NoWeightDelta(TOKEN_ROUTED)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -39,6 +39,7 @@ from torch import nn
 from comol.adapters.base import ADAPTER_PREFIX, AdapterLinear, kaiming_uniform_
 from comol.adapters.context import AdapterContext, ContextBound
 from comol.errors import ComolError, ConfigError
+from comol.adapters.base import TOKEN_ROUTED, NoWeightDelta
 
 ROUTER_KINDS = ("linear", "swiglu")
 ROUTER_INPUTS = ("normed", "raw")
@@ -119,6 +120,9 @@ class GatedLoraLinear(AdapterLinear):
         self.adapter_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         self.adapter_dropout = nn.Dropout(dropout)
         self.route_weight: torch.Tensor | None = None
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NoWeightDelta(TOKEN_ROUTED)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(F.linear(self.adapter_dropout(x), self.adapter_A), self.adapter_B) * self.scaling

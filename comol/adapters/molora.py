@@ -26,6 +26,7 @@ from torch import nn
 from comol.adapters.base import AdapterLinear, LowRankConfig, kaiming_uniform_, register_adapter
 from comol.adapters.routing import router_probs
 from comol.errors import config_check
+from comol.adapters.base import TOKEN_ROUTED, NoWeightDelta
 
 
 @register_adapter("molora")
@@ -78,6 +79,9 @@ class MoELoraLinear(AdapterLinear):
         z = (z.view(t, n_exp, r) * weights.to(z.dtype).unsqueeze(-1)).reshape(t, n_exp * r)
         b_cat = self.adapter_B.permute(1, 0, 2).reshape(self.out_features, n_exp * r)
         return F.linear(z, b_cat)
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NoWeightDelta(TOKEN_ROUTED)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
