@@ -114,7 +114,10 @@ def test_checkpoint_holds_adapter_tensors_only(uninterrupted):
     ckpt = torch.load(checkpoint_path(uninterrupted), weights_only=False)
     adapter = adapter_tensors(uninterrupted)
     assert len(ckpt["state_dict"]) == len(adapter) > 0
-    assert all("lora" in k for k in ckpt["state_dict"])
+    from comol.adapters import is_adapter_name
+
+    assert all(is_adapter_name(k) for k in ckpt["state_dict"])
+    assert sum(t.numel() for t in ckpt["state_dict"].values()) == sum(t.numel() for t in adapter.values())
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
 
 
@@ -141,3 +144,31 @@ def test_cli_sigusr1_resume_continues_the_same_wandb_run(tmp_path):
     assert steps == list(range(12))
     done = subprocess.run([*args, "resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "finished run" in done.stdout
+
+
+@pytest.mark.slow
+def test_slurm_preemption_signal_requeue_then_auto_resume(uninterrupted, tmp_path, monkeypatch):
+    """What hydra/launcher=slurm does on preemption/timeout, locally: submitit's SIGUSR2 handler is in place;
+    the run saves a checkpoint after the current step and hands the signal to it (submitit requeues the job
+    and exits); the requeued job (SLURM_RESTART_COUNT=1, same dir, same overrides) resumes by itself."""
+    out = tmp_path / "job"
+    calls = []
+
+    def submitit_like(signum, frame):   # submitit: checkpoint + `scontrol requeue` + sys.exit(-1)
+        calls.append(checkpoint_path(out).is_file())
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_like)
+    try:
+        interrupt_when_checkpointed(out, signal.SIGUSR2)
+        with pytest.raises(SystemExit):
+            run(cfg_for(out, "logger=csv"))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == [True]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    results = run(cfg_for(out, "logger=csv"))       # no resume=true: the requeued job finds its checkpoint
+    assert results["train/resumed_from_step"] >= 5   # saved on the signal, after the step-4 periodic save
+    whole, cut = adapter_tensors(uninterrupted), adapter_tensors(out)
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert losses(csv_rows(out)) == losses(csv_rows(uninterrupted))
