@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -37,8 +38,35 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def nonfinite_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Dotted keys (list items as [i]) of the NaN/inf floats inside ``obj``."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [prefix or "<value>"]
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in nonfinite_keys(v, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(obj, (list, tuple)):
+        return [k for i, v in enumerate(obj) for k in nonfinite_keys(v, f"{prefix}[{i}]")]
+    return []
+
+
+def nonfinite_to_none(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None (JSON null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: nonfinite_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nonfinite_to_none(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Strict JSON (no bare NaN/Infinity, which JSON does not have): a non-finite number is a ValueError
+    naming the key; callers turn such values into null first (``nonfinite_to_none``)."""
+    bad = nonfinite_keys(obj)
+    if bad:
+        raise ValueError(f"{path}: non-finite number at {', '.join(bad[:5])}: JSON cannot hold it")
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 
 def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:

@@ -22,11 +22,14 @@ from comol.data import SFTDataModule, dataset_splits
 from comol.errors import ConfigError
 from comol.eval.generate import decoding_config
 from comol.eval.runner import run_evaluation
-from comol.io_utils import atomic_write_json, atomic_write_text
+from comol.io_utils import atomic_write_json, atomic_write_text, nonfinite_keys, nonfinite_to_none
 from comol.models import load_backbone
 from comol.models.best_adapter import BestAdapterKeeper
 from comol.models.lit_module import AdapterLM
 from comol.models.progress import ProgressLog, StepProgressBar, on_terminal, quiet_libraries
+from comol.training.checkpointing import RunCheckpoint, auto_every_n_steps, checkpoint_path
+from comol.training.divergence import DivergenceError, DivergenceGuard, nonfinite_tensors
+from comol.training.resume import continue_csv, load_resume_state, logger_resume_kwargs, wants_resume
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +38,12 @@ def _container(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def build_loggers(cfg: DictConfig) -> list:
+def build_loggers(cfg: DictConfig, extra: dict[str, dict] | None = None) -> list:
+    """``extra``: constructor arguments per logger name (a resumed run continues the same W&B run / CSV)."""
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if node is not None and "_target_" in node:
-            loggers.append(instantiate(node))
+            loggers.append(instantiate(node, **(extra or {}).get(name, {})))
     return loggers
 
 
@@ -67,7 +71,16 @@ def write_results(out_dir: Path, results: dict, eval_cfg: dict | None = None) ->
     task = (eval_cfg or {}).get("task")
     if task and task != "none":
         old = {k: v for k, v in old.items() if not k.startswith(f"eval/{task}/")}
-    return atomic_write_json(path, {**old, **results})
+    return atomic_write_json(path, finite_results({**old, **results}))
+
+
+def finite_results(results: dict) -> dict:
+    """Valid JSON always: NaN/inf become null, and the job is marked failed (the report leaves it out)."""
+    bad = nonfinite_keys(results)
+    if not bad:
+        return results
+    log.error("non-finite results %s: the job is marked failed", bad)
+    return {**nonfinite_to_none(results), "status": "failed", "failed_reason": f"non-finite values: {', '.join(bad)}"}
 
 
 def evaluate_with_routing(model, tokenizer, cfg: DictConfig, out_dir: Path, toy_rows=None) -> dict[str, float]:
@@ -98,10 +111,19 @@ def check_eval_config(eval_cfg: dict, tokenizer=None) -> None:
 def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
     quiet_libraries()
     out_dir = Path(cfg.paths.output_dir)
-    for taken in ("results.json", "adapter"):
-        if (out_dir / taken).exists():
-            raise ConfigError(f"{out_dir} already holds a run ({taken}): a run never overwrites another; "
-                              f"choose another hydra.run.dir / sweep.id")
+    resume_ckpt, resume_state = None, {}
+    if wants_resume(cfg.get("resume")) and (cfg.get("resume") or checkpoint_path(out_dir).is_file()):
+        if (out_dir / "results.json").is_file():  # finished: say so, change nothing
+            log.warning("%s holds a finished run (results.json): nothing to resume", out_dir)
+            print(f"{out_dir} holds a finished run (results.json): nothing to resume")
+            return json.loads((out_dir / "results.json").read_text())
+        resume_ckpt, resume_state = load_resume_state(out_dir, OmegaConf.to_container(cfg, resolve=True))
+        log.info("resuming %s from step %d", out_dir, resume_state["global_step"])
+    else:
+        for taken in ("results.json", "adapter", f"{checkpoint_path(out_dir).parent.name}/{checkpoint_path(out_dir).name}"):
+            if (out_dir / taken).exists():
+                raise ConfigError(f"{out_dir} already holds a run ({taken}): a run never overwrites another; "
+                                  f"choose another hydra.run.dir / sweep.id, or continue it with resume=true")
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -118,19 +140,27 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
     lit = AdapterLM(model, _container(cfg.optim), aux_loss_coeff=adapter_cfg.aux_loss_coeff,
                     routing_stats=bool(cfg.routing_stats))
 
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, logger_resume_kwargs(resume_state) if resume_ckpt is not None else None)
+    if resume_ckpt is not None:
+        continue_csv(loggers, resume_state)
     ok = False
     try:
         for lg in loggers:
             lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True),
                                 "params/trainable": trainable, "params/total": total})
         keeper = BestAdapterKeeper(cfg.select_best) if cfg.get("select_best") else None
+        ckpt_cfg, div_cfg = _container(cfg.get("checkpoint")) or {}, _container(cfg.get("divergence")) or {}
+        every = ckpt_cfg.get("every_n_steps", "auto")
+        every = auto_every_n_steps(_container(cfg.trainer)) if every in ("auto", None) else int(every)
+        guard = DivergenceGuard(div_cfg.get("policy", "stop"), div_cfg.get("max_skips", 10), lr=cfg.optim.lr)
+        checkpointer = RunCheckpoint(out_dir, every, OmegaConf.to_container(cfg, resolve=True))
         bar = bool(cfg.trainer.enable_progress_bar) and on_terminal()  # redirected: progress lines instead
-        callbacks = [ProgressLog(cfg.progress_interval_s)] + ([StepProgressBar()] if bar else []) + ([keeper] if keeper else [])
+        callbacks = [ProgressLog(cfg.progress_interval_s)] + ([StepProgressBar()] if bar else [])
+        callbacks += [c for c in (keeper, guard, checkpointer) if c is not None]
         trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, default_root_dir=str(out_dir),
                                          callbacks=callbacks, enable_progress_bar=bar)
         start = time.time()
-        trainer.fit(lit, datamodule=datamodule)
+        trainer.fit(lit, datamodule=datamodule, ckpt_path=resume_ckpt, weights_only=False)
         train_time = time.time() - start
         model.to(trainer.strategy.root_device)  # fit's teardown moved it to the CPU: generate where we trained
 
@@ -143,9 +173,17 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         for key in ("train/loss", "val/loss"):
             if key in trainer.callback_metrics:
                 results[f"{key}_final"] = float(trainer.callback_metrics[key])
+        if guard.skipped:
+            results["train/skipped_steps"] = guard.skipped
+        if resume_ckpt is not None:
+            results["train/resumed_from_step"] = int(resume_state["global_step"])
         if keeper is not None and keeper.restore(model):
             results.update({f"train/best_{cfg.select_best}": keeper.best, "train/best_step": keeper.best_step})
             log.info("restored the adapter of step %d (%s = %.4f)", keeper.best_step, cfg.select_best, keeper.best)
+        bad = nonfinite_tensors((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        if bad:   # never save NaN tensors as if they were a result
+            raise DivergenceError(f"training diverged: {len(bad)} adapter tensors are non-finite (e.g. {bad[0]}) "
+                                  f"after step {trainer.global_step}; nothing saved")
         if cfg.get("save_adapter", True):
             save_adapter(model, out_dir / "adapter", base_model=_container(cfg.model),
                          extra={"seed": int(cfg.seed), "run_name": cfg.get("run_name"),
@@ -156,8 +194,9 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
             lg.log_metrics(metrics, step=trainer.global_step)
             if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
                 lg.experiment.summary.update(results)
+        results = finite_results(results)
         atomic_write_json(out_dir / "results.json", results)
-        ok = True
+        ok = results.get("status") != "failed"
         return results
     finally:
         finish_loggers(loggers, failed=not ok)

@@ -13,6 +13,7 @@ from comol.data.loading import load_rows
 from comol.data.prompts import build_prompt
 from comol.data.toy_math import toy_math_splits
 from comol.errors import ConfigError
+from comol.training.sampler import ResumableSampler
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -95,8 +96,10 @@ class SFTDataModule(L.LightningDataModule):
         return kept
 
     def _loader(self, feats: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(feats, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None,
+        # shuffled: a seeded sampler whose position a checkpoint saves (comol.training: mid-epoch resume);
+        # the loader's own generator keeps worker seeding off the global RNG (dropout stays reproducible)
+        sampler = ResumableSampler(len(feats), self.seed) if shuffle else None
+        return DataLoader(feats, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(self.seed),
                           num_workers=self.cfg.get("num_workers", 0),
                           collate_fn=lambda b: collate_left(b, self.tokenizer.pad_token_id))
 

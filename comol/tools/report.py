@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import statistics
 import sys
@@ -98,6 +99,22 @@ def _failure_reason(job_dir: Path) -> str:
     return "no results.json (the job failed, was killed, or is still running)"
 
 
+def _read_results(path: Path) -> tuple[dict, str]:
+    """(results, why the job counts as failed or ""): a diverged job (status failed, NaN/inf or null
+    metrics, as older runs wrote them) or an unreadable file is never averaged in."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return {}, f"results.json unreadable: {e}"
+    if not isinstance(results, dict):
+        return {}, "results.json is not an object"
+    if results.get("status") == "failed":
+        return results, f"marked failed: {results.get('failed_reason', '?')}"
+    bad = [k for k, v in results.items() if k.startswith(("eval/", "train/", "val/", "params/"))
+           and (v is None or (isinstance(v, float) and not math.isfinite(v)))]
+    return results, (f"non-finite results (diverged?): {', '.join(bad)}" if bad else "")
+
+
 def _job_num(path: Path) -> int | None:
     m = re.match(r"^(\d+)(_|$)", path.name)
     return int(m.group(1)) if m else None
@@ -143,7 +160,9 @@ def load_jobs(sweep_dir: str | Path) -> list[JobRecord]:
         info = _job_info(cfg) if cfg is not None else {}
         res_file = d / "results.json"
         if res_file.is_file():
-            rec = JobRecord(_job_num(d), overrides, "ok", d, info=info, results=json.loads(res_file.read_text()))
+            results, bad = _read_results(res_file)
+            rec = (JobRecord(_job_num(d), overrides, "failed", d, reason=bad, info=info) if bad else
+                   JobRecord(_job_num(d), overrides, "ok", d, info=info, results=results))
         else:
             rec = JobRecord(_job_num(d), overrides, "failed", d, reason=_failure_reason(d), info=info)
         records.append(rec)

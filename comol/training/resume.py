@@ -1,0 +1,115 @@
+"""``resume=true``: continue the run in ``hydra.run.dir`` from ``checkpoints/last.ckpt``.
+
+The checkpointed config must equal the current one except for resume-safe keys (those that cannot change
+what the adapter learns); loggers continue the same records (W&B run id, CSV version).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comol.errors import ConfigError
+from comol.io_utils import atomic_write_text
+from comol.training.checkpointing import checkpoint_path
+
+log = logging.getLogger(__name__)
+
+# Keys (and key prefixes) that may differ between the interrupted run and its resumption.
+RESUME_SAFE = ("resume", "paths", "logger", "checkpoint", "divergence", "sweep", "tags", "run_name", "eval",
+               "save_adapter", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+               "trainer.log_every_n_steps")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def _safe(key: str) -> bool:
+    return any(key == s or key.startswith(s + ".") for s in RESUME_SAFE)
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ (added, removed or changed), resume-safe keys left out."""
+    a, b = _flatten(saved), _flatten(current)
+    return sorted(k for k in set(a) | set(b) if not _safe(k) and (k not in a or k not in b or a[k] != b[k]))
+
+
+def wants_resume(cfg_resume: Any) -> bool:
+    """``resume=true``, or a SLURM job that was requeued (its restarted run finds its own checkpoint)."""
+    if isinstance(cfg_resume, str):
+        cfg_resume = cfg_resume.lower() in ("true", "1", "yes")
+    if cfg_resume:
+        return True
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def load_resume_state(out_dir: Path, current_cfg: dict) -> tuple[Path, dict]:
+    """(checkpoint path, this callback's saved state); a one-line ConfigError when it cannot resume."""
+    ckpt = checkpoint_path(out_dir)
+    if not ckpt.is_file():
+        raise ConfigError(f"resume=true: {out_dir} has no {ckpt.relative_to(out_dir)}: nothing to resume "
+                          f"(hydra.run.dir must name the interrupted run's dir)")
+    try:
+        data = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"resume=true: {ckpt} is unreadable ({type(e).__name__}: {e})") from e
+    state = next((v for k, v in (data.get("callbacks") or {}).items() if k.startswith("RunCheckpoint")), None)
+    if not state:
+        raise ConfigError(f"resume=true: {ckpt} holds no comol run state")
+    diff = config_differences(state["config"], current_cfg)
+    if diff:
+        shown = ", ".join(diff[:12]) + (f" (+{len(diff) - 12} more)" if len(diff) > 12 else "")
+        raise ConfigError(f"resume=true: the config differs from the checkpointed run's in {shown}; "
+                          f"resume with the run's own overrides ({out_dir}/.hydra/overrides.yaml)")
+    return ckpt, state
+
+
+def logger_resume_kwargs(state: dict) -> dict[str, dict]:
+    """Extra constructor arguments, per logger config name, that continue the saved records."""
+    ids = state.get("loggers") or {}
+    out: dict[str, dict] = {}
+    if ids.get("wandb"):
+        out["wandb"] = {"id": ids["wandb"], "resume": "allow"}
+    if ids.get("csv") is not None:
+        out["csv"] = {"version": ids["csv"]}
+    return out
+
+
+def continue_csv(loggers: list, state: dict) -> None:
+    """Let a resumed run's CSVLogger append to its metrics.csv instead of replacing it (Lightning deletes an
+    existing file when its writer starts), minus the rows logged after the checkpoint: the resumed run logs
+    those steps again. The old file is kept aside until the trimmed copy is in place."""
+    for lg in loggers:
+        if lg.__class__.__name__ != "CSVLogger":
+            continue
+        path = Path(lg.log_dir) / "metrics.csv"
+        if not path.is_file():
+            continue
+        aside = path.with_name(".metrics.csv.pre-resume")
+        os.replace(path, aside)
+        writer = lg.experiment   # starts the writer: nothing left for it to delete
+        rows = list(csv.DictReader(io.StringIO(aside.read_text())))
+        header = list(csv.DictReader(io.StringIO(aside.read_text())).fieldnames or [])
+        # the row of the batch that ended at optimizer step g carries step g-1; the checkpoint is at step G
+        cut = int(state["global_step"])
+        kept = [r for r in rows if r.get("step") in (None, "") or int(float(r["step"])) < cut]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
+        w.writeheader()
+        w.writerows(kept)
+        atomic_write_text(path, buf.getvalue())
+        writer.metrics_keys = list(header)
+        aside.unlink()
+        log.info("resume: %s keeps %d of %d rows (steps < %d)", path, len(kept), len(rows), cut)

@@ -1,0 +1,174 @@
+"""Checkpoints and resume: a run stopped by a real signal and resumed ends with the adapter tensors of an
+uninterrupted run (bitwise) and one continuous loss curve (CSV rows, the same W&B run id)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comol import ROOT
+from comol.config import compose
+from comol.errors import ConfigError
+from comol.pipeline import run
+from comol.training.checkpointing import RunInterrupted, checkpoint_path
+
+# micro backbone, adapter dropout on (RNG must be restored), 3 batches per epoch (epoch boundaries at 3, 6, 9)
+SHORT = ["model.arch.hidden_size=64", "model.arch.num_layers=2", "model.arch.head_dim=16", "model.arch.intermediate_size=128",
+         "trainer=debug", "trainer.max_steps=12", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
+         "trainer.enable_progress_bar=false", "dataset.train_size=48", "dataset.val_size=8", "eval=none",
+         "adapter=lora", "adapter.dropout=0.2", "checkpoint.every_n_steps=4"]
+
+
+def cfg_for(out: Path, *extra: str):
+    return compose([*SHORT, *extra, f"paths.output_dir={out}"])
+
+
+def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def csv_rows(out: Path) -> list[dict]:
+    (path,) = out.glob("csv/version_*/metrics.csv")
+    return list(csv.DictReader(open(path)))
+
+
+def losses(rows: list[dict], key: str = "train/loss") -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+def interrupt_when_checkpointed(out: Path, signum: int) -> threading.Thread:
+    """Send ``signum`` to this process as soon as the first periodic checkpoint exists."""
+    def watch():
+        for _ in range(6000):
+            if checkpoint_path(out).is_file():
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.01)
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("whole")
+    run(cfg_for(out, "logger=csv"))
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
+    out = tmp_path / "cut"
+    interrupt_when_checkpointed(out, signal.SIGTERM)
+    with pytest.raises(RunInterrupted, match=r"stopped by SIGTERM at step (\d+).*resume=true"):
+        run(cfg_for(out, "logger=csv"))
+    assert not (out / "adapter").exists() and not (out / "results.json").exists()
+    stopped = torch.load(checkpoint_path(out), weights_only=False)["global_step"]
+    assert 4 <= stopped < 12
+    results = run(cfg_for(out, "logger=csv", "resume=true"))
+    assert results["train/steps"] == 12 and results["train/resumed_from_step"] == stopped
+
+    whole, cut = adapter_tensors(uninterrupted), adapter_tensors(out)
+    assert whole.keys() == cut.keys() and len(whole) > 0
+    for name in whole:
+        assert torch.equal(whole[name], cut[name]), name   # bitwise
+    # one curve: every step once, the same values as the uninterrupted run
+    a, b = losses(csv_rows(uninterrupted)), losses(csv_rows(out))
+    assert [s for s, _ in b] == list(range(12)) and b == a
+    assert losses(csv_rows(out), "val/loss") == losses(csv_rows(uninterrupted), "val/loss")
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_config_and_allows_resume_safe_keys(tmp_path):
+    out = tmp_path / "run"
+    interrupt_when_checkpointed(out, signal.SIGINT)
+    with pytest.raises(RunInterrupted, match="stopped by SIGINT"):
+        run(cfg_for(out, "logger=none"))
+    with pytest.raises(ConfigError, match=r"differs from the checkpointed run's in adapter\.r, optim\.lr;"):
+        run(cfg_for(out, "logger=none", "resume=true", "optim.lr=0.1", "adapter.r=4"))
+    with pytest.raises(ConfigError, match="already holds a run .*resume=true"):   # no silent restart over it
+        run(cfg_for(out, "logger=none"))
+    # logger and checkpoint settings may change; the run then finishes, and a second resume says so
+    results = run(cfg_for(out, "logger=csv", "resume=true", "checkpoint.every_n_steps=0"))
+    assert results["train/steps"] == 12
+    assert run(cfg_for(out, "logger=none", "resume=true")) == results
+
+
+def test_resume_without_checkpoint_is_one_line_error(tmp_path):
+    with pytest.raises(ConfigError, match="has no checkpoints/last.ckpt: nothing to resume"):
+        run(cfg_for(tmp_path, "logger=none", "resume=true"))
+
+
+@pytest.mark.slow
+def test_checkpoint_holds_adapter_tensors_only(uninterrupted):
+    ckpt = torch.load(checkpoint_path(uninterrupted), weights_only=False)
+    adapter = adapter_tensors(uninterrupted)
+    assert len(ckpt["state_dict"]) == len(adapter) > 0
+    from comol.adapters import is_adapter_name
+
+    assert all(is_adapter_name(k) for k in ckpt["state_dict"])
+    assert sum(t.numel() for t in ckpt["state_dict"].values()) == sum(t.numel() for t in adapter.values())
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+
+
+@pytest.mark.slow
+def test_cli_sigusr1_resume_continues_the_same_wandb_run(tmp_path):
+    """The real command line: SIGUSR1 -> checkpoint, exit 2 with the resume command; resume=true continues
+    the same W&B run id; resume=true on the finished run says so."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "run.py", *SHORT, "logger=[csv,wandb]", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(3000):
+        if checkpoint_path(tmp_path).is_file() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-2000:]
+    assert "stopped by SIGUSR1" in err.splitlines()[-1] and "resume=true" in err.splitlines()[-1]
+    again = subprocess.run([*args, "resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    runs = sorted(tmp_path.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
+    steps = [s for s, _ in losses(csv_rows(tmp_path))]
+    assert steps == list(range(12))
+    done = subprocess.run([*args, "resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "finished run" in done.stdout
+
+
+@pytest.mark.slow
+def test_slurm_preemption_signal_requeue_then_auto_resume(uninterrupted, tmp_path, monkeypatch):
+    """What hydra/launcher=slurm does on preemption/timeout, locally: submitit's SIGUSR2 handler is in place;
+    the run saves a checkpoint after the current step and hands the signal to it (submitit requeues the job
+    and exits); the requeued job (SLURM_RESTART_COUNT=1, same dir, same overrides) resumes by itself."""
+    out = tmp_path / "job"
+    calls = []
+
+    def submitit_like(signum, frame):   # submitit: checkpoint + `scontrol requeue` + sys.exit(-1)
+        calls.append(checkpoint_path(out).is_file())
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_like)
+    try:
+        interrupt_when_checkpointed(out, signal.SIGUSR2)
+        with pytest.raises(SystemExit):
+            run(cfg_for(out, "logger=csv"))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == [True]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    results = run(cfg_for(out, "logger=csv"))       # no resume=true: the requeued job finds its checkpoint
+    assert results["train/resumed_from_step"] >= 5   # saved on the signal, after the step-4 periodic save
+    whole, cut = adapter_tensors(uninterrupted), adapter_tensors(out)
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert losses(csv_rows(out)) == losses(csv_rows(uninterrupted))
