@@ -26,6 +26,7 @@ from comol.io_utils import atomic_write_json, atomic_write_text
 from comol.models import load_backbone
 from comol.models.best_adapter import BestAdapterKeeper
 from comol.models.lit_module import AdapterLM
+from comol.training.distributed import DistributedRun, is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
                               f"choose another hydra.run.dir / sweep.id")
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if is_global_zero():  # DDP ranks > 0 (started by Lightning's launcher) share rank 0's run dir
+        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     check_eval_config(_container(cfg.eval))
     model, tokenizer = load_backbone(cfg.model)
@@ -118,11 +120,17 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
             lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True),
                                 "params/trainable": trainable, "params/total": total})
         keeper = BestAdapterKeeper(cfg.select_best) if cfg.get("select_best") else None
+        multi = DistributedRun(out_dir)
         trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, default_root_dir=str(out_dir),
-                                         callbacks=[keeper] if keeper else None)
+                                         callbacks=([keeper] if keeper else []) + multi.callbacks)
         start = time.time()
         trainer.fit(lit, datamodule=datamodule)
         train_time = time.time() - start
+        # several processes: close the process group; rank 0 alone saves, evaluates and writes
+        model = multi.finish_fit(trainer, model, rebuild=lambda: _fresh_adapted_model(cfg))
+        if model is None:
+            ok = True
+            return {"train/steps": trainer.global_step}
         model.to(trainer.strategy.root_device)  # fit's teardown moved it to the CPU: generate where we trained
 
         results: dict[str, float] = {
@@ -152,6 +160,13 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         return results
     finally:
         finish_loggers(loggers, failed=not ok)
+
+
+def _fresh_adapted_model(cfg: DictConfig) -> torch.nn.Module:
+    """The backbone with a freshly injected adapter (FSDP: rank 0 loads the gathered adapter into it)."""
+    model, _ = load_backbone(cfg.model)
+    inject_adapter(model, _container(cfg.adapter))
+    return model
 
 
 def evaluate_saved(cfg: DictConfig) -> dict[str, float]:

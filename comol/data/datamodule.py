@@ -13,6 +13,7 @@ from comol.data.loading import load_rows
 from comol.data.prompts import build_prompt
 from comol.data.toy_math import toy_math_splits
 from comol.errors import ConfigError
+from comol.training.distributed import global_order_sampler
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -95,8 +96,9 @@ class SFTDataModule(L.LightningDataModule):
         return kept
 
     def _loader(self, feats: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(feats, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None,
+        # shuffled: the same global order on any number of processes (comol/training/distributed.py)
+        sampler = global_order_sampler(feats, self.seed, self.trainer) if shuffle else None
+        return DataLoader(feats, batch_size=batch_size, sampler=sampler,
                           num_workers=self.cfg.get("num_workers", 0),
                           collate_fn=lambda b: collate_left(b, self.tokenizer.pad_token_id))
 
