@@ -30,6 +30,7 @@ from comol.models.progress import ProgressLog, StepProgressBar, on_terminal, qui
 from comol.training.checkpointing import RunCheckpoint, auto_every_n_steps, checkpoint_path
 from comol.training.divergence import DivergenceError, DivergenceGuard, nonfinite_tensors
 from comol.training.resume import continue_csv, load_resume_state, logger_resume_kwargs, wants_resume
+from comol.training.distributed import DistributedRun, is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
                                   f"choose another hydra.run.dir / sweep.id, or continue it with resume=true")
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if is_global_zero():  # DDP ranks > 0 (started by Lightning's launcher) share rank 0's run dir
+        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     check_eval_config(_container(cfg.eval))
     model, tokenizer = load_backbone(cfg.model)
@@ -157,11 +159,18 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         bar = bool(cfg.trainer.enable_progress_bar) and on_terminal()  # redirected: progress lines instead
         callbacks = [ProgressLog(cfg.progress_interval_s)] + ([StepProgressBar()] if bar else [])
         callbacks += [c for c in (keeper, guard, checkpointer) if c is not None]
+        multi = DistributedRun(out_dir)
+        callbacks += multi.callbacks
         trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, default_root_dir=str(out_dir),
                                          callbacks=callbacks, enable_progress_bar=bar)
         start = time.time()
         trainer.fit(lit, datamodule=datamodule, ckpt_path=resume_ckpt, weights_only=False)
         train_time = time.time() - start
+        # several processes: close the process group; rank 0 alone saves, evaluates and writes
+        model = multi.finish_fit(trainer, model, rebuild=lambda: _fresh_adapted_model(cfg))
+        if model is None:
+            ok = True
+            return {"train/steps": trainer.global_step}
         model.to(trainer.strategy.root_device)  # fit's teardown moved it to the CPU: generate where we trained
 
         results: dict[str, float] = {
@@ -200,6 +209,13 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         return results
     finally:
         finish_loggers(loggers, failed=not ok)
+
+
+def _fresh_adapted_model(cfg: DictConfig) -> torch.nn.Module:
+    """The backbone with a freshly injected adapter (FSDP: rank 0 loads the gathered adapter into it)."""
+    model, _ = load_backbone(cfg.model)
+    inject_adapter(model, _container(cfg.adapter))
+    return model
 
 
 def evaluate_saved(cfg: DictConfig) -> dict[str, float]:

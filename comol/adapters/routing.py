@@ -10,6 +10,7 @@ All functions take token rows ``[T, N]`` (flatten batch and sequence first).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -56,6 +57,10 @@ def load_balancing_loss(probs: torch.Tensor, selected: torch.Tensor,
     P_i = mean over (valid) tokens of probs[:, i].
     f carries no gradient; the gradient reaches the router through P. With no valid token
     the loss is 0 (still attached to the graph of ``probs``).
+
+    Under torch.distributed training (DDP/FSDP, gradients on) f, P and the token count are those of
+    the global batch (summed over ranks): every rank gets the one-device loss value, and the local
+    term carrying the gradient is scaled so that DDP's mean over ranks is the one-device gradient.
     """
     probs = probs.float().reshape(-1, probs.shape[-1])
     sel = selected.reshape(-1, selected.shape[-1]).float()
@@ -64,7 +69,30 @@ def load_balancing_loss(probs: torch.Tensor, selected: torch.Tensor,
         valid = torch.ones(probs.shape[0], dtype=probs.dtype, device=probs.device)
     else:
         valid = token_mask.reshape(-1).to(device=probs.device, dtype=probs.dtype)
-    count = valid.sum().clamp_min(1.0)
-    f = (sel * valid[:, None]).sum(0) / count
-    p = (probs * valid[:, None]).sum(0) / count
+    f_sum, p_sum, count = (sel * valid[:, None]).sum(0), (probs * valid[:, None]).sum(0), valid.sum()
+    world = training_world_size()
+    if world == 1:
+        f, p = f_sum / count.clamp_min(1.0), p_sum / count.clamp_min(1.0)
+    else:  # the statistics of the global batch: the same loss value and (DDP-averaged) gradient as one device
+        total = sum_over_ranks(torch.cat([f_sum, p_sum.detach(), count[None]]))
+        count_all = total[-1].clamp_min(1.0)
+        f = total[:n_exp] / count_all
+        local = p_sum * (world / count_all)  # the mean over ranks of `local` is the global P
+        p = total[n_exp:2 * n_exp] / count_all + (local - local.detach())
     return n_exp * (f.detach() * p).sum()
+
+
+def training_world_size() -> int:
+    """The number of processes of a running torch.distributed job while gradients are on (training
+    forwards, checkpoint re-runs), else 1: evaluation and generation never wait on other ranks."""
+    if not (torch.is_grad_enabled() and dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
+@torch.no_grad()
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``t`` summed over all ranks (every rank calls this together)."""
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out

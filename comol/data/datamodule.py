@@ -13,7 +13,7 @@ from comol.data.loading import load_rows
 from comol.data.prompts import build_prompt
 from comol.data.toy_math import toy_math_splits
 from comol.errors import ConfigError
-from comol.training.sampler import ResumableSampler
+from comol.training.distributed import global_order_sampler
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -96,9 +96,9 @@ class SFTDataModule(L.LightningDataModule):
         return kept
 
     def _loader(self, feats: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
-        # shuffled: a seeded sampler whose position a checkpoint saves (comol.training: mid-epoch resume);
-        # the loader's own generator keeps worker seeding off the global RNG (dropout stays reproducible)
-        sampler = ResumableSampler(len(feats), self.seed) if shuffle else None
+        # shuffled: one seeded global order on any number of processes, resumable mid-epoch
+        # (comol/training/sampler.py); the loader's own generator keeps worker seeding off the global RNG
+        sampler = global_order_sampler(feats, self.seed, self.trainer) if shuffle else None
         return DataLoader(feats, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(self.seed),
                           num_workers=self.cfg.get("num_workers", 0),
                           collate_fn=lambda b: collate_left(b, self.tokenizer.pad_token_id))

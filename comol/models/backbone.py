@@ -145,4 +145,8 @@ def load_backbone(model_cfg: Mapping[str, Any], device: str | torch.device = "cp
         model = _from_pretrained(AutoModelForCausalLM, model_cfg, source, dtype=dtype)
     model.to(device)
     model.config.use_cache = False  # training default; generation turns the KV cache on explicitly
+    if _get(model_cfg, "gradient_checkpointing", False):  # recompute decoder layers in backward (training only)
+        from comol.training.distributed import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     return model, tok
