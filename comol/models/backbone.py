@@ -181,5 +181,6 @@ def load_backbone(model_cfg: Mapping[str, Any], device: str | torch.device = "cp
     if source is not None and context and (not tok.model_max_length or tok.model_max_length > context):
         tok.model_max_length = int(context)
     model.to(device)
+    model.train()  # from_pretrained returns eval mode, from_config train mode: the same for every source
     model.config.use_cache = False  # training default; generation turns the KV cache on explicitly
     return model, tok
