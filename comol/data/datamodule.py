@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from comol.data.eval_split import eval_split
 from comol.data.loading import load_rows
 from comol.data.prompts import build_prompt
 from comol.data.toy_math import toy_math_splits
@@ -22,12 +23,19 @@ log = logging.getLogger(__name__)
 def encode_example(row: Mapping[str, Any], tokenizer, max_length: int, train_on_prompt: bool = True) -> dict:
     """Training features for one row: ids of prompt + output + EOS, truncated to ``max_length``.
 
+    The prompt is tokenised on its own, exactly as evaluation tokenises it (special tokens such as a
+    BOS included), and the output is appended without special tokens: the tokens a model is trained on
+    up to "### Response:" are by construction the tokens it is later prompted with, whatever the
+    tokenizer would merge across the boundary. EOS is appended as an id, so it is learned even when
+    the tokenizer's pad token is EOS (padding is masked by position in ``collate_left``).
     Labels equal the ids; with ``train_on_prompt=False`` the prompt positions are IGNORE_INDEX.
     """
-    prompt = build_prompt(row)
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    ids = tokenizer(prompt + row["output"])["input_ids"] + [tokenizer.eos_token_id]
-    ids = ids[:max_length]
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no EOS token: training "
+                          f"text is prompt + output + EOS")
+    prompt_ids = tokenizer(build_prompt(row))["input_ids"]
+    output_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+    ids = (list(prompt_ids) + list(output_ids) + [tokenizer.eos_token_id])[:max_length]
     labels = list(ids)
     if not train_on_prompt:
         n = min(len(prompt_ids), len(labels))
@@ -35,8 +43,19 @@ def encode_example(row: Mapping[str, Any], tokenizer, max_length: int, train_on_
     return {"input_ids": ids, "labels": labels}
 
 
+def check_max_length(max_length: int, tokenizer) -> None:
+    """``dataset.max_length`` must fit the backbone's context (``load_backbone`` copies the model's
+    max_position_embeddings into ``tokenizer.model_max_length``)."""
+    context = getattr(tokenizer, "model_max_length", None)
+    if max_length < 2:
+        raise ConfigError(f"dataset.max_length={max_length} is invalid: expected >= 2 (a prompt token and EOS)")
+    if context and max_length > context:
+        raise ConfigError(f"dataset.max_length={max_length} is invalid: the backbone's context length is {context}")
+
+
 def collate_left(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad a batch: pads get attention 0 and label IGNORE_INDEX."""
+    """Left-pad a batch: pads get attention 0 and label IGNORE_INDEX. Padding is told apart by position
+    (each row's length), never by token id: with pad == EOS the learned EOS keeps its label."""
     width = max(len(f["input_ids"]) for f in features)
     ids, mask, labels = [], [], []
     for f in features:
@@ -63,7 +82,9 @@ def dataset_splits(cfg: Mapping[str, Any]) -> dict[str, list[dict]]:
         out = {"train": load_rows(cfg["train"], split=cfg.get("split", "train"))}
         out["val"] = load_rows(cfg["val"]) if cfg.get("val") else []
         return out
-    raise ConfigError(f"dataset.source={source!r} is invalid: expected 'toy_math' or 'files'")
+    if source == "eval_split":
+        return eval_split(cfg)
+    raise ConfigError(f"dataset.source={source!r} is invalid: expected 'toy_math', 'files' or 'eval_split'")
 
 
 class SFTDataModule(L.LightningDataModule):
@@ -77,6 +98,7 @@ class SFTDataModule(L.LightningDataModule):
         self.val_features: list[dict] = []
 
     def setup(self, stage: str | None = None) -> None:
+        check_max_length(int(self.cfg["max_length"]), self.tokenizer)
         if self.splits is None:
             self.splits = dataset_splits(self.cfg)
         enc = lambda rows: [encode_example(r, self.tokenizer, self.cfg["max_length"], self.cfg["train_on_prompt"])  # noqa: E731

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig, Qwen3Config
 
 from comol.errors import ConfigError, ModelNotFoundError
+from comol.models.gguf import convert_gguf, gguf_source
 from comol.models.tokenizer import offline_tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,20 +67,46 @@ def hf_config(model_cfg: Mapping[str, Any], vocab_size: int | None = None) -> Pr
 
 def build_meta_model(model_cfg: Mapping[str, Any]) -> torch.nn.Module:
     """The architecture on the ``meta`` device: shapes without memory, for parameter accounting."""
-    config = hf_config(model_cfg, vocab_size=None if _get(model_cfg, "hub_id") else len(load_tokenizer(model_cfg)))
+    config = hf_config(model_cfg, vocab_size=len(load_tokenizer(model_cfg)) if is_random_init(model_cfg) else None)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
 
 def is_random_init(model_cfg: Mapping[str, Any]) -> bool:
-    return not _get(model_cfg, "hub_id") and not _get(model_cfg, "path")
+    return not any(_get(model_cfg, key) for key in ("hub_id", "path", "gguf_file", "gguf_package"))
 
 
-def load_tokenizer(model_cfg: Mapping[str, Any]):
-    source = _get(model_cfg, "tokenizer") or _get(model_cfg, "path") or _get(model_cfg, "hub_id")
-    if source in (None, "offline"):
+def in_local_cache(hub_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``hub_id`` (its config.json), without any network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+    except ValueError:  # not a valid repo id (e.g. a local path)
+        return False
+
+
+def weights_source(model_cfg: Mapping[str, Any]) -> str:
+    """Where a pretrained backbone is read from (a local folder or a hub id), in this order:
+    ``path``; ``gguf_file`` (converted once, comol/models/gguf.py); ``hub_id`` when it is in the local
+    cache or the hub answers; the GGUF of ``gguf_package`` when that package is installed."""
+    if _get(model_cfg, "path"):
+        return str(_get(model_cfg, "path"))
+    if _get(model_cfg, "gguf_file"):
+        return str(convert_gguf(gguf_source(model_cfg)))
+    hub_id = _get(model_cfg, "hub_id")
+    if hub_id and (not _get(model_cfg, "gguf_package") or in_local_cache(hub_id) or hub_reachable()):
+        return str(hub_id)
+    if _get(model_cfg, "gguf_package"):
+        return str(convert_gguf(gguf_source(model_cfg)))  # raises with the install command when missing
+    raise ConfigError(f"model={_get(model_cfg, 'name')}: no weights source: set model.path, model.gguf_file or model.hub_id")
+
+
+def load_tokenizer(model_cfg: Mapping[str, Any], source: str | None = None):
+    source = source or _get(model_cfg, "tokenizer")
+    if source == "offline" or (source is None and is_random_init(model_cfg)):
         return offline_tokenizer()
-    tok = _from_pretrained(AutoTokenizer, model_cfg, source)
+    tok = _from_pretrained(AutoTokenizer, model_cfg, source or weights_source(model_cfg))
     tok.padding_side = "left"
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         _set_distinct_pad(tok)
@@ -87,13 +114,18 @@ def load_tokenizer(model_cfg: Mapping[str, Any]):
 
 
 def _set_distinct_pad(tok) -> None:
-    """Llama-3.1 has no pad token: use a reserved special token distinct from EOS."""
+    """Use a reserved special token distinct from EOS as pad (Llama-3.1 has no pad token). Where the
+    vocabulary has none (SmolLM2: pad = eos = <|im_end|>), pad stays EOS: that is safe because padding is
+    masked by position (attention mask / length, comol/data/datamodule.py), never by token id."""
     for candidate in ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<|pad|>", "<|endoftext|>"):
         tid = tok.convert_tokens_to_ids(candidate)
         if isinstance(tid, int) and tid != tok.unk_token_id and tid != tok.eos_token_id and tid is not None:
             tok.pad_token = candidate
             return
-    raise ModelNotFoundError(f"tokenizer {tok.name_or_path!r} has no pad token distinct from EOS; set model.pad_token")
+    if tok.eos_token_id is None:
+        raise ModelNotFoundError(f"tokenizer {tok.name_or_path!r} has neither a pad nor an EOS token")
+    log.info("tokenizer %s: no pad token distinct from EOS; padding with EOS (masked by position)", tok.name_or_path)
+    tok.pad_token = tok.eos_token
 
 
 def _not_found(model_cfg: Mapping[str, Any], source: str, err: Exception) -> str:
@@ -132,18 +164,24 @@ def _from_pretrained(auto_cls, model_cfg: Mapping[str, Any], source: str, **kwar
 
 def load_backbone(model_cfg: Mapping[str, Any], device: str | torch.device = "cpu"):
     """Return ``(model, tokenizer)`` for a model YAML node."""
-    tok = load_tokenizer(model_cfg)
+    source = None if is_random_init(model_cfg) else weights_source(model_cfg)
+    tok = load_tokenizer(model_cfg, None if _get(model_cfg, "tokenizer") else source)
     dtype = torch_dtype(_get(model_cfg, "dtype", "float32"))
-    if is_random_init(model_cfg):
+    if source is None:
         config = hf_config(model_cfg, vocab_size=len(tok))
         config.pad_token_id, config.eos_token_id = tok.pad_token_id, tok.eos_token_id
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(_get(model_cfg, "init_seed", 0)))
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        source = _get(model_cfg, "path") or _get(model_cfg, "hub_id")
         model = _from_pretrained(AutoModelForCausalLM, model_cfg, source, dtype=dtype)
+    # max_length checks (comol/data/datamodule.py) read the context length off the tokenizer
+    # (pretrained tokenizers only: the offline one is shared between the tiny models)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if source is not None and context and (not tok.model_max_length or tok.model_max_length > context):
+        tok.model_max_length = int(context)
     model.to(device)
+    model.train()  # from_pretrained returns eval mode, from_config train mode: the same for every source
     model.config.use_cache = False  # training default; generation turns the KV cache on explicitly
     if _get(model_cfg, "gradient_checkpointing", False):  # recompute decoder layers in backward (training only)
         from comol.training.distributed import enable_gradient_checkpointing
