@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "--table" in args:
             print(table([a for a in args if a != "--table"]))
         else:
-            print(millions(trainable_params(args)[0]))
+            n = trainable_params(args)[0]
+            print(f"{millions(n)} ({n:,})")  # the paper's rounding and the exact count
     except (ComolError, HydraException, OmegaConfBaseException) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2

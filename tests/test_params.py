@@ -24,14 +24,15 @@ def test_printed_figures_match_paper_within_0_01M(capsys):
     paper = {"adapter=lora": 24.77, "adapter=comol": 25.16, "adapter=comol_nocr": 33.39}
     for override, figure in paper.items():
         assert main(["model=qwen3_8b", override]) == 0
-        printed = capsys.readouterr().out.strip()
-        assert printed.endswith("M") and abs(float(printed[:-1]) - figure) <= 0.0101, (override, printed)
+        rounded, exact = capsys.readouterr().out.strip().split(" ")
+        assert rounded.endswith("M") and abs(float(rounded[:-1]) - figure) <= 0.0101, (override, rounded)
+        assert abs(int(exact.strip("()").replace(",", "")) / 1e6 - float(rounded[:-1])) <= 0.005
 
 
 def test_cli_prints_two_decimals_and_M():
     out = subprocess.run([sys.executable, "-m", "comol.params", "model=qwen3_8b", "adapter=lora", "adapter.r=16"],
                          capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
-    assert out == "24.77M"
+    assert out == "24.77M (24,772,608)"  # 36 layers x 16 x ((4096+4096)+(4096+1024)x2+(4096+4096)+(12288+4096))
 
 
 def test_other_backbones_follow_the_formula():
