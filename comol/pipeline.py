@@ -17,15 +17,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from comol.adapters import count_parameters, inject_adapter, load_adapter, save_adapter
-from comol.adapters.inject import read_adapter_config
-from comol.data import SFTDataModule, dataset_splits
+from comol.data import SFTDataModule
 from comol.errors import ConfigError
-from comol.eval.generate import decoding_config
 from comol.eval.runner import run_evaluation
 from comol.io_utils import atomic_write_json, atomic_write_text
 from comol.models import load_backbone
 from comol.models.best_adapter import BestAdapterKeeper
 from comol.models.lit_module import AdapterLM
+from comol.preflight import preflight
+from comol.run_dir import claim_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,30 +73,25 @@ def run(cfg: DictConfig) -> dict[str, float]:
     raise ConfigError(f"mode={mode!r} is invalid: expected 'train' or 'eval'")
 
 
-def check_eval_config(eval_cfg: dict, tokenizer=None) -> None:
-    """Fail before training, not after it, on decoding settings that generation would reject."""
-    if eval_cfg.get("task", "none") != "none" and eval_cfg.get("sets"):
-        decoding_config(eval_cfg.get("decoding") or {}, int(eval_cfg.get("max_new_tokens", 1)), tokenizer)
+def start_job(cfg: DictConfig, mode: str):
+    """The start of every job: claim its dir, record the resolved config, check everything before any work."""
+    out_dir = Path(cfg.paths.output_dir)
+    claim_run_dir(out_dir, resume=bool(cfg.get("resume", False)), mode=mode)
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    checked = preflight(cfg)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    return out_dir, checked
 
 
 def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
-    out_dir = Path(cfg.paths.output_dir)
-    for taken in ("results.json", "adapter"):
-        if (out_dir / taken).exists():
-            raise ConfigError(f"{out_dir} already holds a run ({taken}): a run never overwrites another; "
-                              f"choose another hydra.run.dir / sweep.id")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-    check_eval_config(_container(cfg.eval))
+    out_dir, checked = start_job(cfg, "train")
     model, tokenizer = load_backbone(cfg.model)
     adapter_cfg = inject_adapter(model, _container(cfg.adapter))
     trainable, total = count_parameters(model)
     log.info("adapter %s: %d trainable / %d total parameters (%.4f%%)", adapter_cfg.name, trainable, total,
              100 * trainable / total)
 
-    splits = dataset_splits(_container(cfg.dataset))
+    splits = checked.splits
     datamodule = SFTDataModule(_container(cfg.dataset), tokenizer, seed=int(cfg.seed), splits=splits)
     lit = AdapterLM(model, _container(cfg.optim), aux_loss_coeff=adapter_cfg.aux_loss_coeff)
 
@@ -130,7 +125,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
             save_adapter(model, out_dir / "adapter", base_model=_container(cfg.model),
                          extra={"seed": int(cfg.seed), "run_name": cfg.get("run_name"),
                                 "dataset": _container(cfg.dataset)})
-        metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=splits.get("test"))
+        metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=splits.get("test"),
+                                 preloaded=checked.eval_rows)
         results.update(metrics)
         for lg in loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
@@ -144,28 +140,18 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def evaluate_saved(cfg: DictConfig) -> dict[str, float]:
-    """``mode=eval adapter_path=<dir>``: rebuild the backbone named in the adapter's config, load, evaluate."""
-    if not cfg.get("adapter_path"):
-        raise ConfigError("adapter_path is missing: mode=eval needs adapter_path=<saved adapter dir>")
+    """``mode=eval adapter_path=<dir>``: rebuild the adapter's backbone, load, evaluate into a fresh dir
+    (by default ``<the adapter's run>/evals/<task>_<time>``: the run's own predictions and results stay as they are)."""
+    out_dir, checked = start_job(cfg, "eval")
     adapter_dir = Path(cfg.adapter_path)
-    meta = read_adapter_config(adapter_dir)
-    model_cfg = meta.get("base_model") or _container(cfg.model)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    check_eval_config(_container(cfg.eval))
-    model, tokenizer = load_backbone(model_cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_backbone(checked.model_cfg, device="cuda" if torch.cuda.is_available() else "cpu")
     adapter_cfg = load_adapter(model, adapter_dir)
-    toy_rows = None
-    trained_on = meta.get("dataset") or {}
-    if trained_on.get("source") == "toy_math":  # held-out rows of the very split the adapter was trained with
-        toy_rows = dataset_splits(trained_on).get("test")
-    elif cfg.dataset.get("source") == "toy_math":
-        toy_rows = dataset_splits(_container(cfg.dataset)).get("test")
+    toy_rows = checked.splits.get("test")
     loggers = build_loggers(cfg)
     ok = False
     try:
-        metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=toy_rows)
+        metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=toy_rows,
+                                 preloaded=checked.eval_rows)
         results = {"adapter_path": str(adapter_dir.resolve()), "adapter": adapter_cfg.name, **metrics}
         for lg in loggers:
             lg.log_metrics(metrics, step=0)
