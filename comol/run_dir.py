@@ -75,11 +75,17 @@ def claim_dir(path: str | os.PathLike, *, outputs: Iterable[str] = RUN_OUTPUTS, 
         atomic_write_json(path / CLAIM_FILE, {**(read_claim(path) or {}), **record, "resumed": True})
         return path
     held = [name for name in outputs if (path / name).exists()]
+    finished = [name for name in held if name != ".hydra"]
+    if finished:   # a run's outputs say most
+        raise RunDirTaken(f"{what} {path} already holds a run ({finished[0]}): a run never overwrites another; {hint}")
+    if (path / CLAIM_FILE).exists():
+        raise RunDirTaken(f"{what} {path} is claimed by {_describe(read_claim(path))}: a run never shares its "
+                          f"directory; {hint}")
     if held:
         raise RunDirTaken(f"{what} {path} already holds a run ({held[0]}): a run never overwrites another; {hint}")
     try:
         fd = os.open(path / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    except FileExistsError:
+    except FileExistsError:   # another launch got there first
         raise RunDirTaken(f"{what} {path} is claimed by {_describe(read_claim(path))}: a run never shares its "
                           f"directory; {hint}") from None
     with os.fdopen(fd, "w", encoding="utf-8") as f:

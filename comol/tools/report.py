@@ -37,7 +37,7 @@ MEAN_RE = re.compile(r"^eval/(?P<task>[^/]+)/mean_acc$")
 class JobRecord:
     num: int | None
     overrides: list[str]
-    status: str                       # ok | failed | missing
+    status: str                       # ok | failed | unreadable | missing
     dir: Path | None = None
     reason: str = ""
     info: dict = field(default_factory=dict)      # method, model, seed, N, r, eval_sets
@@ -127,9 +127,70 @@ def _compose_missing(sweep_dir: Path, overrides: list[str]) -> dict:
         return {}
 
 
-def load_jobs(sweep_dir: str | Path) -> list[JobRecord]:
-    """Every job of the sweep: the ones that ran (ok / failed) and the expected ones that never started."""
+class Unreadable(Exception):
+    """A job file that cannot be read; the message names the file."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise Unreadable(f"{path}: unreadable ({e})") from None
+    except json.JSONDecodeError as e:
+        raise Unreadable(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise Unreadable(f"{path}: expected a JSON object, got {type(data).__name__}")
+    for key, value in data.items():
+        if key.startswith(("eval/", "params/")) and not isinstance(value, (int, float)):
+            raise Unreadable(f"{path}: {key}={value!r} is not a number")
+    return data
+
+
+def _job_overrides(job_dir: Path) -> list[str]:
+    """The job's own command-line overrides: recorded in its claim by the job itself (comol/run_dir.py),
+    else Hydra's .hydra/overrides.yaml."""
+    from comol.run_dir import read_claim
+
+    claim = read_claim(job_dir)
+    if claim and isinstance(claim.get("overrides"), list):
+        return [str(o) for o in claim["overrides"]]
+    ov_file = job_dir / ".hydra" / "overrides.yaml"
+    if not ov_file.is_file():
+        return []
+    try:
+        return [str(o) for o in (yaml.safe_load(ov_file.read_text()) or [])]
+    except (OSError, yaml.YAMLError) as e:
+        raise Unreadable(f"{ov_file}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _read_job(d: Path) -> JobRecord:
+    overrides = _job_overrides(d)
+    try:
+        cfg = _read_config(d)
+    except (OSError, yaml.YAMLError, ValueError) as e:
+        name = "config.yaml" if (d / "config.yaml").is_file() else ".hydra/config.yaml"
+        raise Unreadable(f"{d / name}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if cfg is not None and not isinstance(cfg, dict) and not OmegaConf_is_config(cfg):
+        raise Unreadable(f"{d / 'config.yaml'}: expected a mapping, got {type(cfg).__name__}")
+    info = _job_info(cfg) if cfg is not None else {}
+    res_file = d / "results.json"
+    if res_file.is_file():
+        return JobRecord(_job_num(d), overrides, "ok", d, info=info, results=_read_json(res_file))
+    return JobRecord(_job_num(d), overrides, "failed", d, reason=_failure_reason(d), info=info)
+
+
+def OmegaConf_is_config(obj: Any) -> bool:  # noqa: N802 - a lazy import of OmegaConf.is_config
+    from omegaconf import OmegaConf
+
+    return OmegaConf.is_config(obj)
+
+
+def load_jobs(sweep_dir: str | Path, notes: list[str] | None = None) -> list[JobRecord]:
+    """Every job of the sweep: the ones that ran (ok / failed), the ones whose files cannot be read
+    (unreadable, the file named) and the expected ones that never started. ``notes`` collects problems
+    with the launch itself (e.g. an unreadable multirun.yaml)."""
     sweep_dir = Path(sweep_dir)
+    notes = [] if notes is None else notes
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep dir {sweep_dir} does not exist")
     dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name != "report" and (
@@ -137,22 +198,26 @@ def load_jobs(sweep_dir: str | Path) -> list[JobRecord]:
     dirs.sort(key=lambda p: (_job_num(p) is None, _job_num(p) or 0, p.name))
     records: list[JobRecord] = []
     for d in dirs:
-        ov_file = d / ".hydra" / "overrides.yaml"
-        overrides = list(yaml.safe_load(ov_file.read_text()) or []) if ov_file.is_file() else []
-        cfg = _read_config(d)
-        info = _job_info(cfg) if cfg is not None else {}
-        res_file = d / "results.json"
-        if res_file.is_file():
-            rec = JobRecord(_job_num(d), overrides, "ok", d, info=info, results=json.loads(res_file.read_text()))
-        else:
-            rec = JobRecord(_job_num(d), overrides, "failed", d, reason=_failure_reason(d), info=info)
-        records.append(rec)
+        try:
+            records.append(_read_job(d))
+        except Unreadable as e:
+            try:
+                overrides = _job_overrides(d)
+            except Unreadable:
+                overrides = []
+            records.append(JobRecord(_job_num(d), overrides, "unreadable", d, reason=str(e)))
 
-    expected = _expected_jobs(sweep_dir)
+    try:
+        expected = _expected_jobs(sweep_dir)
+    except Exception as e:  # noqa: BLE001 - the jobs that ran are still worth a table
+        notes.append(f"{sweep_dir / 'multirun.yaml'}: could not list the launch's jobs ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); jobs that never started are not listed")
+        expected = None
     if expected is not None:
         seen = {frozenset(r.overrides) for r in records}
+        unreadable_nums = {r.num for r in records if r.status == "unreadable" and not r.overrides}
         for num, ovr in enumerate(expected):
-            if frozenset(ovr) not in seen:
+            if frozenset(ovr) not in seen and num not in unreadable_nums:
                 records.append(JobRecord(num, list(ovr), "missing", reason="no job dir: never started",
                                          info=_compose_missing(sweep_dir, list(ovr))))
         by_key = {frozenset(o): i for i, o in enumerate(expected)}
@@ -180,6 +245,7 @@ class Table:
     columns: list[Column]
     rows: list[dict]                   # method, axis values, per-model params, per-column values
     records: list[JobRecord]
+    notes: list[str] = field(default_factory=list)   # problems with the launch itself
 
 
 def _ordered_metric_keys(records: list[JobRecord]) -> list[tuple[str, str]]:
@@ -305,12 +371,15 @@ def to_markdown(t: Table) -> str:
             cells.append(fmt_params(row["params"][m]))
             cells += [fmt_cell(row["cells"][(m, c.key)]) for c in t.columns if c.model == m]
         lines.append("| " + " | ".join(cells) + " |")
-    counts = {s: sum(r.status == s for r in t.records) for s in ("ok", "failed", "missing")}
+    counts = {s: sum(r.status == s for r in t.records) for s in ("ok", "failed", "missing", "unreadable")}
     seeds = sorted({r.info.get("seed") for r in t.records if r.info.get("seed") is not None}, key=_num_sort)
     out = [f"# {t.title}" if t.title else "", "",
-           f"{len(t.records)} jobs: {counts['ok']} ok, {counts['failed']} failed, {counts['missing']} missing; "
+           f"{len(t.records)} jobs: {counts['ok']} ok, {counts['failed']} failed, {counts['missing']} missing"
+           f"{f', {n} unreadable' if (n := counts['unreadable']) else ''}; "
            f"seeds {', '.join(map(str, seeds)) or '–'}. Cells: % (accuracy or pass@k), mean ± sample std over seeds; "
            "(n=a/b): only a of the row's b jobs have results. Params: trainable parameters.", "", *lines]
+    if t.notes:
+        out += ["", *(f"Note: {n}" for n in t.notes)]
     bad = [r for r in t.records if r.status != "ok"]
     if bad:
         out += ["", "## Missing or failed jobs (not in the averages)", "", "| # | status | job | reason |",
@@ -447,7 +516,10 @@ def _title(sweep_dir: Path) -> str:
     multirun = sweep_dir / "multirun.yaml"
     name = None
     if multirun.is_file():
-        name = _lookup(yaml.safe_load(multirun.read_text()) or {}, "sweep.name")
+        try:
+            name = _lookup(yaml.safe_load(multirun.read_text()) or {}, "sweep.name")
+        except (OSError, yaml.YAMLError):   # load_jobs notes it
+            name = None
     return f"{name or sweep_dir.name} ({sweep_dir.name})" if name and name != sweep_dir.name else (name or sweep_dir.name)
 
 
@@ -460,8 +532,10 @@ def _write(path: Path, text: str) -> None:
 def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     """Build and write the report; returns {"table": Table, "markdown": str, "files": [paths]}."""
     sweep_dir = Path(sweep_dir)
-    records = load_jobs(sweep_dir)
+    notes: list[str] = []
+    records = load_jobs(sweep_dir, notes)
     table = build_table(records, _title(sweep_dir))
+    table.notes = notes
     out = Path(out_dir) if out_dir else sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(table)
