@@ -10,7 +10,10 @@ columns are the evaluation sets (accuracy %, the tasks' mean as "Avg.", HumanEva
 backbone when the sweep has several, and the trainable parameters. Cells are mean ± sample std (ddof=1) over
 the seeds; a cell with fewer seeds than its row was meant to have says so ("n=2/3"). The job list the
 launch was meant to run is re-expanded from the ``multirun.yaml`` Hydra saved; jobs that never started
-(missing) or have no results.json (failed or still running) are listed under the table, never averaged in.
+(missing), have no results.json (failed or still running) or whose files cannot be read (unreadable, the
+file named) are listed under the table, never averaged in. Each job is attributed by its own record: the
+overrides in the claim the job wrote (``.comol_run.json``), else ``.hydra/overrides.yaml``, and the resolved
+``config.yaml`` the pipeline wrote. A plain ``python run.py -m a=1,2`` multirun dir is reported the same way.
 """
 
 from __future__ import annotations
@@ -175,7 +178,11 @@ def _read_job(d: Path) -> JobRecord:
     info = _job_info(cfg) if cfg is not None else {}
     res_file = d / "results.json"
     if res_file.is_file():
-        return JobRecord(_job_num(d), overrides, "ok", d, info=info, results=_read_json(res_file))
+        try:
+            results = _read_json(res_file)
+        except Unreadable as e:   # still attributed to its row (which then shows n=0/1)
+            return JobRecord(_job_num(d), overrides, "unreadable", d, reason=str(e), info=info)
+        return JobRecord(_job_num(d), overrides, "ok", d, info=info, results=results)
     return JobRecord(_job_num(d), overrides, "failed", d, reason=_failure_reason(d), info=info)
 
 
