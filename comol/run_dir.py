@@ -62,7 +62,7 @@ def claim_dir(path: str | os.PathLike, *, outputs: Iterable[str] = RUN_OUTPUTS, 
               info: Mapping[str, Any] | None = None, what: str = "run dir",
               hint: str = "choose another hydra.run.dir (or leave it to the default)") -> Path:
     """Make ``path`` this process's own (see the module doc); raise RunDirTaken naming what holds it."""
-    path = Path(path).absolute()
+    path = Path(os.path.abspath(path))   # as Hydra makes hydra.runtime.output_dir (paths.output_dir)
     key = str(path)
     if _PENDING.pop(key, None) is not None:   # claimed for this very job by the Hydra callback
         return path
