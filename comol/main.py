@@ -8,8 +8,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import comol.cli_help  # noqa: F401  (the ${comol_help:} resolver of `--help`)
 import comol.config  # noqa: F401  (registers the ${comol_root:} resolver)
+import comol.run_dir  # noqa: F401  (the ${comol_run_dir:} resolver of hydra.run.dir)
 from comol.errors import ComolError
+from comol.run_dir import RunDirTaken
 
 
 def _note_in_job_log(cfg: DictConfig, line: str) -> None:
@@ -28,7 +31,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
     except ComolError as e:
-        _note_in_job_log(cfg, f"error: {e}")
+        if not isinstance(e, RunDirTaken):  # the dir is another run's: leave its log alone
+            _note_in_job_log(cfg, f"error: {e}")
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # unexpected: keep the traceback, but leave the reason in the job's log too

@@ -17,20 +17,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from comol.adapters import adapter_context, count_parameters, inject_adapter, load_adapter, save_adapter
-from comol.adapters.inject import read_adapter_config
-from comol.data import SFTDataModule, dataset_splits
+from comol.data import SFTDataModule
 from comol.errors import ConfigError
-from comol.eval.generate import decoding_config
 from comol.eval.runner import run_evaluation
 from comol.io_utils import atomic_write_json, atomic_write_text, nonfinite_keys, nonfinite_to_none
 from comol.models import load_backbone
 from comol.models.best_adapter import BestAdapterKeeper
 from comol.models.lit_module import AdapterLM
 from comol.models.progress import ProgressLog, StepProgressBar, on_terminal, quiet_libraries
+from comol.preflight import preflight
+from comol.run_dir import claim_run_dir
 from comol.training.checkpointing import RunCheckpoint, auto_every_n_steps, checkpoint_path
+from comol.training.distributed import DistributedRun, is_global_zero
 from comol.training.divergence import DivergenceError, DivergenceGuard, nonfinite_tensors
 from comol.training.resume import continue_csv, load_resume_state, logger_resume_kwargs, wants_resume
-from comol.training.distributed import DistributedRun, is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,16 @@ def finite_results(results: dict) -> dict:
     return {**nonfinite_to_none(results), "status": "failed", "failed_reason": f"non-finite values: {', '.join(bad)}"}
 
 
-def evaluate_with_routing(model, tokenizer, cfg: DictConfig, out_dir: Path, toy_rows=None) -> dict[str, float]:
+def evaluate_with_routing(model, tokenizer, cfg: DictConfig, out_dir: Path, toy_rows=None,
+                          preloaded=None) -> dict[str, float]:
     """``run_evaluation`` plus, for routed adapters, the routing summaries over the evaluation forwards
     (``routing/mean_entropy``, ``routing/dead_experts``, ``routing/max_load_ratio``)."""
-    if not cfg.routing_stats:
-        return run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=toy_rows)
+    evaluate = lambda: run_evaluation(model, tokenizer, _container(cfg.eval), out_dir,  # noqa: E731
+                                      toy_rows=toy_rows, preloaded=preloaded)
+    if not cfg.routing_stats or not hasattr(model, "comol_adapter_context"):
+        return evaluate()
     with adapter_context(model).routing.collecting() as stats:
-        metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=toy_rows)
+        metrics = evaluate()
         return {**metrics, **stats.summary(per_module=False)}
 
 
@@ -105,41 +108,37 @@ def run(cfg: DictConfig) -> dict[str, float]:
     raise ConfigError(f"mode={mode!r} is invalid: expected 'train', 'eval' or 'base'")
 
 
-def check_eval_config(eval_cfg: dict, tokenizer=None) -> None:
-    """Fail before training, not after it, on decoding settings that generation would reject."""
-    if eval_cfg.get("task", "none") != "none" and eval_cfg.get("sets"):
-        decoding_config(eval_cfg.get("decoding") or {}, int(eval_cfg.get("max_new_tokens", 1)), tokenizer)
+def start_job(cfg: DictConfig, mode: str):
+    """The start of every job: claim its dir, record the resolved config, check everything before any work.
+    DDP ranks > 0 (started by Lightning's launcher with rank 0's run dir) neither claim nor write."""
+    quiet_libraries()
+    out_dir = Path(cfg.paths.output_dir)
+    if is_global_zero():
+        claim_run_dir(out_dir, resume=mode == "train" and wants_resume(cfg.get("resume")), mode=mode)
+        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    checked = preflight(cfg)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    return out_dir, checked
 
 
 def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
-    quiet_libraries()
     out_dir = Path(cfg.paths.output_dir)
+    if wants_resume(cfg.get("resume")) and (out_dir / "results.json").is_file():  # finished: say so, change nothing
+        log.warning("%s holds a finished run (results.json): nothing to resume", out_dir)
+        print(f"{out_dir} holds a finished run (results.json): nothing to resume")
+        return json.loads((out_dir / "results.json").read_text())
+    out_dir, checked = start_job(cfg, "train")
     resume_ckpt, resume_state = None, {}
     if wants_resume(cfg.get("resume")) and (cfg.get("resume") or checkpoint_path(out_dir).is_file()):
-        if (out_dir / "results.json").is_file():  # finished: say so, change nothing
-            log.warning("%s holds a finished run (results.json): nothing to resume", out_dir)
-            print(f"{out_dir} holds a finished run (results.json): nothing to resume")
-            return json.loads((out_dir / "results.json").read_text())
         resume_ckpt, resume_state = load_resume_state(out_dir, OmegaConf.to_container(cfg, resolve=True))
         log.info("resuming %s from step %d", out_dir, resume_state["global_step"])
-    else:
-        for taken in ("results.json", "adapter", f"{checkpoint_path(out_dir).parent.name}/{checkpoint_path(out_dir).name}"):
-            if (out_dir / taken).exists():
-                raise ConfigError(f"{out_dir} already holds a run ({taken}): a run never overwrites another; "
-                                  f"choose another hydra.run.dir / sweep.id, or continue it with resume=true")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    if is_global_zero():  # DDP ranks > 0 (started by Lightning's launcher) share rank 0's run dir
-        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-    check_eval_config(_container(cfg.eval))
     model, tokenizer = load_backbone(cfg.model)
     adapter_cfg = inject_adapter(model, _container(cfg.adapter))
     trainable, total = count_parameters(model)
     log.info("adapter %s: %d trainable / %d total parameters (%.4f%%)", adapter_cfg.name, trainable, total,
              100 * trainable / total)
 
-    splits = dataset_splits(_container(cfg.dataset))
+    splits = checked.splits
     datamodule = SFTDataModule(_container(cfg.dataset), tokenizer, seed=int(cfg.seed), splits=splits)
     lit = AdapterLM(model, _container(cfg.optim), aux_loss_coeff=adapter_cfg.aux_loss_coeff,
                     routing_stats=bool(cfg.routing_stats))
@@ -199,7 +198,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
             save_adapter(model, out_dir / "adapter", base_model=_container(cfg.model),
                          extra={"seed": int(cfg.seed), "run_name": cfg.get("run_name"),
                                 "dataset": _container(cfg.dataset)})
-        metrics = evaluate_with_routing(model, tokenizer, cfg, out_dir, toy_rows=splits.get("test"))
+        metrics = evaluate_with_routing(model, tokenizer, cfg, out_dir, toy_rows=splits.get("test"),
+                                        preloaded=checked.eval_rows)
         results.update(metrics)
         for lg in loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
@@ -221,29 +221,17 @@ def _fresh_adapted_model(cfg: DictConfig) -> torch.nn.Module:
 
 
 def evaluate_saved(cfg: DictConfig) -> dict[str, float]:
-    """``mode=eval adapter_path=<dir>``: rebuild the backbone named in the adapter's config, load, evaluate."""
-    quiet_libraries()
-    if not cfg.get("adapter_path"):
-        raise ConfigError("adapter_path is missing: mode=eval needs adapter_path=<saved adapter dir>")
+    """``mode=eval adapter_path=<dir>``: rebuild the adapter's backbone, load, evaluate into a fresh dir
+    (by default ``<the adapter's run>/evals/<task>_<time>``: the run's own predictions and results stay as they are)."""
+    out_dir, checked = start_job(cfg, "eval")
     adapter_dir = Path(cfg.adapter_path)
-    meta = read_adapter_config(adapter_dir)
-    model_cfg = meta.get("base_model") or _container(cfg.model)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    check_eval_config(_container(cfg.eval))
-    model, tokenizer = load_backbone(model_cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_backbone(checked.model_cfg, device="cuda" if torch.cuda.is_available() else "cpu")
     adapter_cfg = load_adapter(model, adapter_dir)
-    toy_rows = None
-    trained_on = meta.get("dataset") or {}
-    if trained_on.get("source") == "toy_math":  # held-out rows of the very split the adapter was trained with
-        toy_rows = dataset_splits(trained_on).get("test")
-    elif cfg.dataset.get("source") == "toy_math":
-        toy_rows = dataset_splits(_container(cfg.dataset)).get("test")
+    toy_rows = checked.splits.get("test")
     loggers = build_loggers(cfg)
     ok = False
     try:
-        metrics = evaluate_with_routing(model, tokenizer, cfg, out_dir, toy_rows=toy_rows)
+        metrics = evaluate_with_routing(model, tokenizer, cfg, out_dir, toy_rows=toy_rows, preloaded=checked.eval_rows)
         results = {"adapter_path": str(adapter_dir.resolve()), "adapter": adapter_cfg.name, **metrics}
         for lg in loggers:
             lg.log_metrics(metrics, step=0)
@@ -257,19 +245,14 @@ def evaluate_saved(cfg: DictConfig) -> dict[str, float]:
 def evaluate_base(cfg: DictConfig) -> dict[str, float]:
     """``mode=base``: evaluate the bare backbone (no adapter, no training): the zero-shot row of a sweep.
     The dataset's splits are still built (an eval_split dataset writes the held-out rows it is scored on)."""
-    out_dir = Path(cfg.paths.output_dir)
-    if (out_dir / "results.json").exists():
-        raise ConfigError(f"{out_dir} already holds a run (results.json): choose another hydra.run.dir / sweep.id")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    check_eval_config(_container(cfg.eval))
-    splits = dataset_splits(_container(cfg.dataset))
+    out_dir, checked = start_job(cfg, "base")
+    splits = checked.splits
     model, tokenizer = load_backbone(cfg.model, device="cuda" if torch.cuda.is_available() else "cpu")
     loggers = build_loggers(cfg)
     ok = False
     try:
-        metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=splits.get("test"))
+        metrics = run_evaluation(model, tokenizer, _container(cfg.eval), out_dir, toy_rows=splits.get("test"),
+                                 preloaded=checked.eval_rows)
         results = {"params/trainable": 0, "params/total": sum(p.numel() for p in model.parameters()),
                    "train/steps": 0, **metrics}
         for lg in loggers:

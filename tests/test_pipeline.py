@@ -96,7 +96,7 @@ def test_multirun_gives_separate_dirs_and_wandb_runs(tmp_path):
     ("adapter.r=0", "adapter.r=0 is invalid"),
     ("adapter.num_experts=0", "adapter.num_experts=0 is invalid"),
     ("adapter.target_modules=[foo_proj]", "matched no nn.Linear"),
-    ("dataset=math14k dataset.train=/no/such/file.json", "/no/such/file.json does not exist"),
+    ("dataset=math14k eval=none dataset.train=/no/such/file.json", "/no/such/file.json does not exist"),
 ])
 def test_bad_input_is_one_line_error(override, message, tmp_path):
     proc = cli(*override.split(), "logger=none", f"hydra.run.dir={tmp_path}")
@@ -117,7 +117,7 @@ def test_unknown_group_option_is_named(override, message, tmp_path):
 def test_bad_data_row_names_file_and_row(tmp_path):
     bad = tmp_path / "train.json"
     bad.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
-    proc = cli("dataset=math14k", f"dataset.train={bad}", f"dataset.val={bad}", "logger=none",
+    proc = cli("dataset=math14k", "eval=none", f"dataset.train={bad}", f"dataset.val={bad}", "logger=none",
                f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and f"{bad}: row 1 lacks 'output'" in proc.stderr
 

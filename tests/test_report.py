@@ -217,3 +217,62 @@ def test_report_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "comol.tools.report", str(tmp_path / "nope")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: sweep dir {tmp_path / 'nope'} does not exist"
+
+
+def test_plain_multirun_dir_is_reported(tmp_path):
+    """`python run.py -m seed=0,1 ...` (no sweep=): multirun.yaml has no sweeper params; still a table."""
+    master, jobs = expand(None, ["adapter=lora,comol", "seed=0,1"])
+    assert master.hydra.sweeper.get("params") is None
+    out = tmp_path / "plain"
+    out.mkdir()
+    OmegaConf.save(master, out / "multirun.yaml")
+    for j in jobs[:-1]:                               # the last job never started
+        d = out / j.summary["subdir"]
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(j.overrides))
+        (d / "config.yaml").write_text(yaml.safe_dump({"method": j.summary["method"], "seed": j.summary["seed"],
+                                                       "model": {"name": "tiny_qwen3"}, "adapter": j.summary["adapter"]}))
+        (d / "results.json").write_text(json.dumps({"params/trainable": 10, "eval/math/toy_math/acc": 0.1 * j.num}))
+    md = report(out)["markdown"]
+    assert "4 jobs: 3 ok, 0 failed, 1 missing" in md
+    rows = {r["method"]: r for r in _csv_rows(out / "report" / "table.csv")}
+    assert float(rows["lora"]["toy_math mean"]) == pytest.approx(100 * statistics.fmean([0.0, 0.1]), abs=1e-6)
+    assert rows["comol"]["toy_math n"] == "1/2"
+
+
+def test_unreadable_job_is_named_and_the_rest_reported(tmp_path):
+    def metrics(j):
+        return {"params/trainable": 1000, "eval/code/humaneval/pass@1": 0.1 + 0.01 * j.num}
+
+    sweep = _fabricate(tmp_path, "figure2", [], metrics)
+    dirs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_")[0]))
+    (dirs[2] / "results.json").write_text('{"eval/code/humaneval/pass@1": 0.5,')     # truncated
+    (dirs[4] / "config.yaml").write_text("method: [unclosed\n")                        # corrupt YAML
+    proc = subprocess.run([sys.executable, "-m", "comol.tools.report", str(sweep)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (sweep / "report" / "table.md").read_text()
+    assert "10 jobs: 8 ok, 0 failed, 0 missing, 2 unreadable" in md
+    assert f"| 2 | unreadable | {dirs[2].name} | {dirs[2] / 'results.json'}: not valid JSON" in md
+    assert f"| 4 | unreadable | {dirs[4].name} | {dirs[4] / 'config.yaml'}: not valid YAML" in md
+    rows = {(r["method"], r["r"]): r for r in _csv_rows(sweep / "report" / "table.csv")}
+    assert rows[("LoRA", "32")]["pass@1 n"] == "0/1"      # attributed by its readable config, not averaged
+    assert float(rows[("LoRA", "8")]["pass@1 mean"]) == pytest.approx(10.0, abs=1e-6)
+
+
+def test_report_attributes_results_by_the_jobs_own_claim(tmp_path):
+    """A job's claim (written by the job itself) names its overrides, whatever .hydra/overrides.yaml says."""
+    def metrics(j):
+        return {"params/trainable": 1000, "eval/code/humaneval/pass@1": 0.1 * (j.num + 1)}
+
+    sweep = _fabricate(tmp_path, "figure2", [], metrics)
+    dirs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_")[0]))
+    own = yaml.safe_load((dirs[0] / ".hydra" / "overrides.yaml").read_text())
+    (dirs[0] / ".comol_run.json").write_text(json.dumps({"mode": "train", "overrides": own}))
+    other = yaml.safe_load((dirs[1] / ".hydra" / "overrides.yaml").read_text())
+    (dirs[0] / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(other))   # overwritten by someone else
+    from comol.tools.report import load_jobs
+
+    recs = {r.dir.name: r for r in load_jobs(sweep) if r.dir}
+    assert recs[dirs[0].name].overrides == own and recs[dirs[0].name].num == 0
+    assert sum(r.status == "missing" for r in load_jobs(sweep)) == 0

@@ -3,11 +3,14 @@
 A saved adapter is a directory (PEFT-style) holding
   adapter_config.json        {"format", "adapter": {...fields}, "base_model": {...model config}}
   adapter_model.safetensors  the adapter tensors only (names containing an ``adapter_`` component)
+The config records the sha256 of the weights file (``weights_sha256``), checked whenever the adapter is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -15,7 +18,8 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from comol.adapters.base import AdapterConfig, build_adapter_config, is_adapter_name
@@ -26,6 +30,12 @@ from comol.io_utils import atomic_write_json, normal_permissions, replace_dir
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = "comol-adapter/1"
+SHA_KEY = "weights_sha256"
+#: what must agree between the backbone an adapter was saved for and the one it is loaded on
+BACKBONE_KEYS = ("name", "family", "hub_id")
+ARCH_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
+
+log = logging.getLogger(__name__)
 
 
 def inject_adapter(model: nn.Module, cfg: AdapterConfig | Mapping[str, Any]) -> AdapterConfig:
@@ -92,6 +102,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: Mappi
         trainable, total = count_parameters(model)
         atomic_write_json(tmp / CONFIG_FILE, {
             "format": FORMAT,
+            SHA_KEY: hashlib.sha256((tmp / WEIGHTS_FILE).read_bytes()).hexdigest(),
             "adapter": cfg.to_dict(),
             "base_model": dict(base_model or {}),
             "trainable_params": trainable,
@@ -122,6 +133,49 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def verify_adapter_weights(adapter_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> bytes:
+    """The weights file's bytes, after checking them against the sha256 in adapter_config.json
+    (an adapter saved before checksums existed loads with a warning)."""
+    adapter_dir = Path(adapter_dir)
+    meta = read_adapter_config(adapter_dir) if meta is None else meta
+    try:
+        data = (adapter_dir / WEIGHTS_FILE).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{adapter_dir / WEIGHTS_FILE}: unreadable ({e})") from None
+    expected = meta.get(SHA_KEY)
+    if expected is None:
+        log.warning("%s has no %s: the weights cannot be verified (saved by an older version)",
+                    adapter_dir / CONFIG_FILE, SHA_KEY)
+    elif hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(f"{adapter_dir / WEIGHTS_FILE}: sha256 does not match the {SHA_KEY} in {CONFIG_FILE} "
+                              f"(the file is corrupt, truncated or was replaced)")
+    return data
+
+
+def backbone_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """``key: saved vs given`` for each identity key / architecture size where two model configs differ."""
+    diffs = [f"{k}: {saved.get(k)!r} vs {given.get(k)!r}" for k in BACKBONE_KEYS if saved.get(k) != given.get(k)]
+    sa, ga = saved.get("arch") or {}, given.get("arch") or {}
+    diffs += [f"arch.{k}: {sa.get(k)!r} vs {ga.get(k)!r}" for k in ARCH_KEYS if sa.get(k) != ga.get(k)]
+    return diffs
+
+
+def check_adapter_backbone(adapter_dir: str | os.PathLike, meta: Mapping[str, Any], model_cfg: Mapping[str, Any],
+                           allow: bool = False) -> None:
+    """Refuse to load an adapter saved for another backbone than ``model_cfg`` (unless ``allow``)."""
+    saved = meta.get("base_model") or {}
+    diffs = backbone_differences(saved, model_cfg) if saved else []
+    if not diffs:
+        return
+    if allow:
+        log.warning("%s was saved for backbone %r, loading it on %r (allow_backbone_mismatch=true): %s",
+                    Path(adapter_dir) / CONFIG_FILE, saved.get("name"), model_cfg.get("name"), "; ".join(diffs))
+        return
+    raise CheckpointError(f"{Path(adapter_dir) / CONFIG_FILE} names backbone {saved.get('name')!r}, not model="
+                          f"{model_cfg.get('name')} ({'; '.join(diffs)}): drop the model override to use the "
+                          f"adapter's own backbone, or set allow_backbone_mismatch=true")
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bool = False) -> AdapterConfig:
     """Rebuild the saved adapter on a fresh ``model`` and load its tensors (exact round trip).
 
@@ -129,12 +183,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bo
     """
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_config(adapter_dir)
+    data = verify_adapter_weights(adapter_dir, meta)
     try:
         cfg = inject_adapter(model, meta["adapter"])
     except ComolError as e:
         raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: {e}") from None
     try:
-        tensors = load_file(str(adapter_dir / WEIGHTS_FILE))
+        tensors = load_safetensors(data)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{adapter_dir / WEIGHTS_FILE}: unreadable ({e})") from None
     expected = adapter_state_dict(model)

@@ -53,8 +53,11 @@ def set_path(source: str, eval_cfg: Mapping[str, Any]) -> Path:
     return Path(source) if Path(source).is_absolute() or not data_dir else Path(data_dir) / source
 
 
-def eval_rows(set_name: str, source: str, eval_cfg: Mapping[str, Any], toy_rows: list[dict] | None) -> list[dict]:
-    if source == TOY_SOURCE:
+def eval_rows(set_name: str, source: str, eval_cfg: Mapping[str, Any], toy_rows: list[dict] | None,
+              preloaded: Mapping[str, list[dict]] | None = None) -> list[dict]:
+    if preloaded and set_name in preloaded:  # already read and checked (comol/preflight.py)
+        rows = preloaded[set_name]
+    elif source == TOY_SOURCE:
         if toy_rows is None:
             raise ConfigError(f"eval.sets.{set_name}=toy_math needs dataset=toy_math (its held-out test split)")
         rows = toy_rows
@@ -67,8 +70,9 @@ def eval_rows(set_name: str, source: str, eval_cfg: Mapping[str, Any], toy_rows:
 
 
 def run_evaluation(model, tokenizer, eval_cfg: Mapping[str, Any], out_dir: str | Path,
-                   toy_rows: list[dict] | None = None) -> dict[str, float]:
-    """Generate and score every set of ``eval_cfg``; return the metrics dict."""
+                   toy_rows: list[dict] | None = None, preloaded: Mapping[str, list[dict]] | None = None) -> dict[str, float]:
+    """Generate and score every set of ``eval_cfg``; return the metrics dict (``preloaded``: rows per set
+    already read)."""
     task = eval_cfg.get("task", "none")
     sets = dict(eval_cfg.get("sets") or {})
     if task == "none" or not sets:
@@ -82,7 +86,7 @@ def run_evaluation(model, tokenizer, eval_cfg: Mapping[str, Any], out_dir: str |
     metrics: dict[str, float] = {}
     accs = []
     for set_name, source in sets.items():
-        rows = eval_rows(set_name, str(source), eval_cfg, toy_rows)
+        rows = eval_rows(set_name, str(source), eval_cfg, toy_rows, preloaded)
         responses = generate_responses(
             model, tokenizer, [build_prompt(r) for r in rows], eval_cfg["max_new_tokens"], eval_cfg["decoding"],
             batch_size=eval_cfg.get("batch_size", 16), desc=f"eval {set_name}",

@@ -10,7 +10,10 @@ columns are the evaluation sets (accuracy %, the tasks' mean as "Avg.", HumanEva
 backbone when the sweep has several, and the trainable parameters. Cells are mean ± sample std (ddof=1) over
 the seeds; a cell with fewer seeds than its row was meant to have says so ("n=2/3"). The job list the
 launch was meant to run is re-expanded from the ``multirun.yaml`` Hydra saved; jobs that never started
-(missing) or have no results.json (failed or still running) are listed under the table, never averaged in.
+(missing), have no results.json (failed or still running) or whose files cannot be read (unreadable, the
+file named) are listed under the table, never averaged in. Each job is attributed by its own record: the
+overrides in the claim the job wrote (``.comol_run.json``), else ``.hydra/overrides.yaml``, and the resolved
+``config.yaml`` the pipeline wrote. A plain ``python run.py -m a=1,2`` multirun dir is reported the same way.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ MEAN_RE = re.compile(r"^eval/(?P<task>[^/]+)/mean_acc$")
 class JobRecord:
     num: int | None
     overrides: list[str]
-    status: str                       # ok | failed | missing
+    status: str                       # ok | failed | unreadable | missing
     dir: Path | None = None
     reason: str = ""
     info: dict = field(default_factory=dict)      # method, model, seed, N, r, eval_sets
@@ -99,20 +102,16 @@ def _failure_reason(job_dir: Path) -> str:
     return "no results.json (the job failed, was killed, or is still running)"
 
 
-def _read_results(path: Path) -> tuple[dict, str]:
-    """(results, why the job counts as failed or ""): a diverged job (status failed, NaN/inf or null
-    metrics, as older runs wrote them) or an unreadable file is never averaged in."""
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        return {}, f"results.json unreadable: {e}"
+def _failed_results(results: Any) -> str:
+    """Why a readable results.json counts as failed, or "": a diverged job (status failed, NaN/inf or null
+    metrics, as older runs wrote them) is never averaged in."""
     if not isinstance(results, dict):
-        return {}, "results.json is not an object"
+        return "results.json is not an object"
     if results.get("status") == "failed":
-        return results, f"marked failed: {results.get('failed_reason', '?')}"
+        return f"marked failed: {results.get('failed_reason', '?')}"
     bad = [k for k, v in results.items() if k.startswith(("eval/", "train/", "val/", "params/"))
            and (v is None or (isinstance(v, float) and not math.isfinite(v)))]
-    return results, (f"non-finite results (diverged?): {', '.join(bad)}" if bad else "")
+    return f"non-finite results (diverged?): {', '.join(bad)}" if bad else ""
 
 
 def _job_num(path: Path) -> int | None:
@@ -144,9 +143,77 @@ def _compose_missing(sweep_dir: Path, overrides: list[str]) -> dict:
         return {}
 
 
-def load_jobs(sweep_dir: str | Path) -> list[JobRecord]:
-    """Every job of the sweep: the ones that ran (ok / failed) and the expected ones that never started."""
+class Unreadable(Exception):
+    """A job file that cannot be read; the message names the file."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise Unreadable(f"{path}: unreadable ({e})") from None
+    except json.JSONDecodeError as e:
+        raise Unreadable(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise Unreadable(f"{path}: expected a JSON object, got {type(data).__name__}")
+    for key, value in data.items():
+        if key.startswith(("eval/", "params/")) and not isinstance(value, (int, float)):
+            raise Unreadable(f"{path}: {key}={value!r} is not a number")
+    return data
+
+
+def _job_overrides(job_dir: Path) -> list[str]:
+    """The job's own command-line overrides: recorded in its claim by the job itself (comol/run_dir.py),
+    else Hydra's .hydra/overrides.yaml."""
+    from comol.run_dir import read_claim
+
+    claim = read_claim(job_dir)
+    if claim and isinstance(claim.get("overrides"), list):
+        return [str(o) for o in claim["overrides"]]
+    ov_file = job_dir / ".hydra" / "overrides.yaml"
+    if not ov_file.is_file():
+        return []
+    try:
+        return [str(o) for o in (yaml.safe_load(ov_file.read_text()) or [])]
+    except (OSError, yaml.YAMLError) as e:
+        raise Unreadable(f"{ov_file}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _read_job(d: Path) -> JobRecord:
+    overrides = _job_overrides(d)
+    try:
+        cfg = _read_config(d)
+    except (OSError, yaml.YAMLError, ValueError) as e:
+        name = "config.yaml" if (d / "config.yaml").is_file() else ".hydra/config.yaml"
+        raise Unreadable(f"{d / name}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if cfg is not None and not isinstance(cfg, dict) and not OmegaConf_is_config(cfg):
+        raise Unreadable(f"{d / 'config.yaml'}: expected a mapping, got {type(cfg).__name__}")
+    info = _job_info(cfg) if cfg is not None else {}
+    res_file = d / "results.json"
+    if res_file.is_file():
+        try:
+            results = _read_json(res_file)
+        except Unreadable as e:   # still attributed to its row (which then shows n=0/1)
+            return JobRecord(_job_num(d), overrides, "unreadable", d, reason=str(e), info=info)
+        failed = _failed_results(results)
+        if failed:
+            return JobRecord(_job_num(d), overrides, "failed", d, reason=failed, info=info)
+        return JobRecord(_job_num(d), overrides, "ok", d, info=info, results=results)
+    return JobRecord(_job_num(d), overrides, "failed", d, reason=_failure_reason(d), info=info)
+
+
+def OmegaConf_is_config(obj: Any) -> bool:  # noqa: N802 - a lazy import of OmegaConf.is_config
+    from omegaconf import OmegaConf
+
+    return OmegaConf.is_config(obj)
+
+
+def load_jobs(sweep_dir: str | Path, notes: list[str] | None = None) -> list[JobRecord]:
+    """Every job of the sweep: the ones that ran (ok / failed), the ones whose files cannot be read
+    (unreadable, the file named) and the expected ones that never started. ``notes`` collects problems
+    with the launch itself (e.g. an unreadable multirun.yaml)."""
     sweep_dir = Path(sweep_dir)
+    notes = [] if notes is None else notes
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep dir {sweep_dir} does not exist")
     dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name != "report" and (
@@ -154,24 +221,26 @@ def load_jobs(sweep_dir: str | Path) -> list[JobRecord]:
     dirs.sort(key=lambda p: (_job_num(p) is None, _job_num(p) or 0, p.name))
     records: list[JobRecord] = []
     for d in dirs:
-        ov_file = d / ".hydra" / "overrides.yaml"
-        overrides = list(yaml.safe_load(ov_file.read_text()) or []) if ov_file.is_file() else []
-        cfg = _read_config(d)
-        info = _job_info(cfg) if cfg is not None else {}
-        res_file = d / "results.json"
-        if res_file.is_file():
-            results, bad = _read_results(res_file)
-            rec = (JobRecord(_job_num(d), overrides, "failed", d, reason=bad, info=info) if bad else
-                   JobRecord(_job_num(d), overrides, "ok", d, info=info, results=results))
-        else:
-            rec = JobRecord(_job_num(d), overrides, "failed", d, reason=_failure_reason(d), info=info)
-        records.append(rec)
+        try:
+            records.append(_read_job(d))
+        except Unreadable as e:
+            try:
+                overrides = _job_overrides(d)
+            except Unreadable:
+                overrides = []
+            records.append(JobRecord(_job_num(d), overrides, "unreadable", d, reason=str(e)))
 
-    expected = _expected_jobs(sweep_dir)
+    try:
+        expected = _expected_jobs(sweep_dir)
+    except Exception as e:  # noqa: BLE001 - the jobs that ran are still worth a table
+        notes.append(f"{sweep_dir / 'multirun.yaml'}: could not list the launch's jobs ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); jobs that never started are not listed")
+        expected = None
     if expected is not None:
         seen = {frozenset(r.overrides) for r in records}
+        unreadable_nums = {r.num for r in records if r.status == "unreadable" and not r.overrides}
         for num, ovr in enumerate(expected):
-            if frozenset(ovr) not in seen:
+            if frozenset(ovr) not in seen and num not in unreadable_nums:
                 records.append(JobRecord(num, list(ovr), "missing", reason="no job dir: never started",
                                          info=_compose_missing(sweep_dir, list(ovr))))
         by_key = {frozenset(o): i for i, o in enumerate(expected)}
@@ -199,6 +268,7 @@ class Table:
     columns: list[Column]
     rows: list[dict]                   # method, axis values, per-model params, per-column values
     records: list[JobRecord]
+    notes: list[str] = field(default_factory=list)   # problems with the launch itself
 
 
 def _ordered_metric_keys(records: list[JobRecord]) -> list[tuple[str, str]]:
@@ -324,12 +394,15 @@ def to_markdown(t: Table) -> str:
             cells.append(fmt_params(row["params"][m]))
             cells += [fmt_cell(row["cells"][(m, c.key)]) for c in t.columns if c.model == m]
         lines.append("| " + " | ".join(cells) + " |")
-    counts = {s: sum(r.status == s for r in t.records) for s in ("ok", "failed", "missing")}
+    counts = {s: sum(r.status == s for r in t.records) for s in ("ok", "failed", "missing", "unreadable")}
     seeds = sorted({r.info.get("seed") for r in t.records if r.info.get("seed") is not None}, key=_num_sort)
     out = [f"# {t.title}" if t.title else "", "",
-           f"{len(t.records)} jobs: {counts['ok']} ok, {counts['failed']} failed, {counts['missing']} missing; "
+           f"{len(t.records)} jobs: {counts['ok']} ok, {counts['failed']} failed, {counts['missing']} missing"
+           f"{f', {n} unreadable' if (n := counts['unreadable']) else ''}; "
            f"seeds {', '.join(map(str, seeds)) or '–'}. Cells: % (accuracy or pass@k), mean ± sample std over seeds; "
            "(n=a/b): only a of the row's b jobs have results. Params: trainable parameters.", "", *lines]
+    if t.notes:
+        out += ["", *(f"Note: {n}" for n in t.notes)]
     bad = [r for r in t.records if r.status != "ok"]
     if bad:
         out += ["", "## Missing or failed jobs (not in the averages)", "", "| # | status | job | reason |",
@@ -466,7 +539,10 @@ def _title(sweep_dir: Path) -> str:
     multirun = sweep_dir / "multirun.yaml"
     name = None
     if multirun.is_file():
-        name = _lookup(yaml.safe_load(multirun.read_text()) or {}, "sweep.name")
+        try:
+            name = _lookup(yaml.safe_load(multirun.read_text()) or {}, "sweep.name")
+        except (OSError, yaml.YAMLError):   # load_jobs notes it
+            name = None
     return f"{name or sweep_dir.name} ({sweep_dir.name})" if name and name != sweep_dir.name else (name or sweep_dir.name)
 
 
@@ -479,8 +555,10 @@ def _write(path: Path, text: str) -> None:
 def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
     """Build and write the report; returns {"table": Table, "markdown": str, "files": [paths]}."""
     sweep_dir = Path(sweep_dir)
-    records = load_jobs(sweep_dir)
+    notes: list[str] = []
+    records = load_jobs(sweep_dir, notes)
     table = build_table(records, _title(sweep_dir))
+    table.notes = notes
     out = Path(out_dir) if out_dir else sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(table)

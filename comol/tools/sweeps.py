@@ -87,7 +87,8 @@ def expand_overrides(params: dict, task_overrides: Sequence[str], config_loader=
 def overrides_from_multirun_yaml(path: str | Path) -> list[list[str]]:
     """Re-expand a finished launch's job list from the ``multirun.yaml`` Hydra saved in its sweep dir."""
     master = OmegaConf.load(path)
-    params = OmegaConf.to_container(master.hydra.sweeper.get("params") or {}, resolve=False)
+    params = master.hydra.sweeper.get("params")   # absent (None) in a plain `-m a=1,2` launch
+    params = OmegaConf.to_container(params, resolve=False) if OmegaConf.is_config(params) else dict(params or {})
     task = OmegaConf.to_container(master.hydra.overrides.task, resolve=False)
     try:
         with _hydra() as (_, loader):
