@@ -6,7 +6,6 @@ the explicit unconfined mode in tests/test_sandbox_unconfined.py.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 

@@ -4,7 +4,6 @@ tensors in one unit; an end-to-end `run.py trainer=ddp_cpu` run shares one run d
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess

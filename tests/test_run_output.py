@@ -7,7 +7,6 @@ import subprocess
 import sys
 import types
 
-import pytest
 import torch
 
 from comol import ROOT

@@ -30,7 +30,6 @@ import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torch.distributed.fsdp.wrap import CustomPolicy
-from torch.utils.data import DistributedSampler
 
 from comol.training.sampler import ResumableSampler
 from comol.errors import ConfigError
