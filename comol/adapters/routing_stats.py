@@ -63,17 +63,18 @@ class RoutingStats:
         acc = self._acc.get(name)
         if acc is None or acc.n != n:
             acc = self._acc[name] = _Accumulator(n, w.device)
-        valid = (torch.ones(w.shape[0], device=w.device) if mask is None
+        valid = (w.new_ones(w.shape[0]) if mask is None
                  else mask.reshape(-1).to(device=w.device, dtype=w.dtype))
+        # few, fused ops (the reductions over tokens are matrix-vector products with the 0/1 mask)
         share = w / w.sum(-1, keepdim=True).clamp_min(_EPS)
-        acc.mass += (share * valid[:, None]).sum(0)
-        acc.tokens += valid.sum()
+        acc.mass.addmv_(share.T, valid)
+        acc.tokens.add_(valid.sum())
         if n > 1:
             p = share if probs is None else probs.detach().float().reshape(-1, n)
-            ent = -(p * p.clamp_min(_EPS).log()).sum(-1) / math.log(n)
-            acc.entropy += (ent * valid).sum()
+            # entr(p) = -p log p (0 at p = 0): the per-token entropies, summed over the valid tokens
+            acc.entropy.add_(torch.special.entr(p).sum(-1) @ valid, alpha=1.0 / math.log(n))
         if selected is not None:
-            sel = (selected.reshape(-1, n).float() * valid[:, None]).sum(0)
+            sel = valid @ selected.reshape(-1, n).to(w.dtype)
             acc.selected = sel if acc.selected is None else acc.selected + sel
         if self._captured is not None:
             self._captured.setdefault(name, []).append(
