@@ -17,6 +17,9 @@ Definitions (``summary``), per module, over the non-padding tokens since the las
 
 The run summaries are ``routing/mean_entropy`` (mean over modules), ``routing/dead_experts`` (sum)
 and ``routing/max_load_ratio`` (max).
+
+``capturing()`` additionally keeps every recorded call's per-token weights and mask (for pictures
+of single prompts, comol/routing.py); off by default, when recording costs one attribute test more.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class RoutingStats:
     def __init__(self) -> None:
         self.enabled = False
         self._acc: dict[str, _Accumulator] = {}
+        #: while ``capturing()``: module name -> [(weights [T, N] fp32, mask [T] bool or None), ...]
+        self._captured: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]] | None = None
 
     @torch.no_grad()
     def record(self, name: str, weights: torch.Tensor, mask: torch.Tensor | None = None,
@@ -58,18 +63,22 @@ class RoutingStats:
         acc = self._acc.get(name)
         if acc is None or acc.n != n:
             acc = self._acc[name] = _Accumulator(n, w.device)
-        valid = (torch.ones(w.shape[0], device=w.device) if mask is None
+        valid = (w.new_ones(w.shape[0]) if mask is None
                  else mask.reshape(-1).to(device=w.device, dtype=w.dtype))
+        # few, fused ops (the reductions over tokens are matrix-vector products with the 0/1 mask)
         share = w / w.sum(-1, keepdim=True).clamp_min(_EPS)
-        acc.mass += (share * valid[:, None]).sum(0)
-        acc.tokens += valid.sum()
+        acc.mass.addmv_(share.T, valid)
+        acc.tokens.add_(valid.sum())
         if n > 1:
             p = share if probs is None else probs.detach().float().reshape(-1, n)
-            ent = -(p * p.clamp_min(_EPS).log()).sum(-1) / math.log(n)
-            acc.entropy += (ent * valid).sum()
+            # entr(p) = -p log p (0 at p = 0): the per-token entropies, summed over the valid tokens
+            acc.entropy.add_(torch.special.entr(p).sum(-1) @ valid, alpha=1.0 / math.log(n))
         if selected is not None:
-            sel = (selected.reshape(-1, n).float() * valid[:, None]).sum(0)
+            sel = valid @ selected.reshape(-1, n).to(w.dtype)
             acc.selected = sel if acc.selected is None else acc.selected + sel
+        if self._captured is not None:
+            self._captured.setdefault(name, []).append(
+                (w.clone(), None if mask is None else mask.reshape(-1).to(device=w.device, dtype=torch.bool)))
 
     def reset(self) -> None:
         self._acc.clear()
@@ -84,6 +93,17 @@ class RoutingStats:
         finally:
             self.enabled = was
             self._acc = saved
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]]:
+        """Inside ``collecting()``: also keep each recorded call's weights [T, N] and mask [T] per module
+        (yields that dict: module name -> list of (weights, mask), one entry per call)."""
+        saved = self._captured
+        self._captured = {}
+        try:
+            yield self._captured
+        finally:
+            self._captured = saved
 
     def _all_reduce(self) -> None:
         """Under torch.distributed, sum every accumulator over ranks (all ranks call this together)."""

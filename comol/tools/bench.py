@@ -3,12 +3,16 @@
     python -m comol.tools.bench                       # LoRA r16, CoMoL r16 N=8/64, naive CoMoL N=8/64
     python -m comol.tools.bench --all                 # + every adapter preset in conf/adapter
     python -m comol.tools.bench --hidden 1024 --layers 4 --batch 4 --seq 256
+    python -m comol.tools.bench --routing             # only: CoMoL step time, routing statistics on vs off
 
 Step = forward + backward + AdamW step on a random-init Qwen3 built from the given architecture.
 A second table times one adapted Linear alone (forward + backward), where the adapter's own cost is
 not diluted by the backbone.
 Timings are interleaved (one step of each variant per round) and the median is reported, so
-machine noise hits every variant alike. Peak memory: on CUDA, ``torch.cuda.max_memory_allocated``;
+machine noise hits every variant alike. ``--routing`` times CoMoL training steps with the routing statistics on
+(``adapter_context(model).routing.enabled``, recorded every step, never read) against the same model
+with them off, interleaved in one process, and prints the ratio (target: <= 1.02).
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated``;
 on CPU, the peak of the allocator timeline recorded by the PyTorch profiler for one step
 (parameters, gradients, optimizer state and activations). Ratios are relative to LoRA.
 """
@@ -25,7 +29,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from comol.adapters import adapter_preset, count_parameters, inject_adapter
+from comol.adapters import adapter_context, adapter_preset, count_parameters, inject_adapter
 from comol.adapters.comol import CoMoLConfig, CoMoLLinear
 from comol.models import load_backbone
 
@@ -242,6 +246,82 @@ def layer_report(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+ROUTING_VARIANTS = [("comol r16 N8", {"name": "comol", "r": 16, "num_experts": 8}),
+                    ("comol r16 N64", {"name": "comol", "r": 16, "num_experts": 64})]
+ROUTING_BOUND = 1.02
+
+
+class _TimedRecord:
+    """Wraps ``RoutingStats.record`` of one model and sums the wall time spent inside it (CPU: ops are
+    synchronous, so this is the statistics' own forward cost; on CUDA it is only the launch cost)."""
+
+    def __init__(self, stats) -> None:
+        self.total, self._record = 0.0, stats.record
+        stats.record = self
+
+    def __call__(self, *args, **kwargs) -> None:
+        start = time.perf_counter()
+        self._record(*args, **kwargs)
+        self.total += time.perf_counter() - start
+
+
+def measure_routing(args) -> list[dict]:
+    """CoMoL step time with routing statistics off and on: two identical adapted models, interleaved.
+
+    Per step: wall time and process CPU time (``time.process_time``, all threads; less sensitive than
+    wall time to other processes on a shared machine), and the time spent inside ``RoutingStats.record``.
+    """
+    base, vocab = backbone(args)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    rows = []
+    for label, values in ROUTING_VARIANTS:
+        pair_models = []
+        for _ in range(2):  # the same adapter twice (same seed): statistics off / on
+            torch.manual_seed(0)
+            pair_models.append(copy.deepcopy(base))
+            inject_adapter(pair_models[-1], values)
+        off, on = (Runner(m, batch, args.device) for m in pair_models)
+        stats = adapter_context(on.model).routing
+        stats.enabled = True
+        for r in (off, on):
+            for _ in range(args.warmup):
+                r.step()
+        timer = _TimedRecord(stats)
+        wall: dict[str, list[float]] = {"off": [], "on": []}
+        cpu: dict[str, list[float]] = {"off": [], "on": []}
+        for i in range(args.steps):
+            pair = (("off", off), ("on", on)) if i % 2 == 0 else (("on", on), ("off", off))  # alternate the order
+            for key, r in pair:
+                c0 = time.process_time()
+                wall[key].append(r.timed_step())
+                cpu[key].append(time.process_time() - c0)
+        modules = len(stats.loads())
+        med = {f"{k}_{kind}": 1000 * statistics.median(d[k]) for kind, d in (("ms", wall), ("cpu_ms", cpu))
+               for k in ("off", "on")}
+        rows.append({"variant": label, **med, "ratio": med["on_ms"] / med["off_ms"],
+                     "cpu_ratio": med["on_cpu_ms"] / med["off_cpu_ms"], "modules": modules,
+                     "record_ms": 1000 * timer.total / args.steps})
+    return rows
+
+
+def routing_report(rows: list[dict], args) -> str:
+    lines = [f"routing statistics overhead: {args.family} hidden={args.hidden} layers={args.layers}; batch "
+             f"{args.batch} x {args.seq} tokens; device {args.device}; median of {args.steps} interleaved steps", "",
+             "| variant | routed modules | off ms | on ms | on / off (wall) | off CPU ms | on CPU ms | on / off (CPU) "
+             "| in record() ms/step | record / step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['modules']} | {r['off_ms']:.1f} | {r['on_ms']:.1f} | {r['ratio']:.4f} | "
+              f"{r['off_cpu_ms']:.1f} | {r['on_cpu_ms']:.1f} | {r['cpu_ratio']:.4f} | {r['record_ms']:.2f} | "
+              f"{100 * r['record_ms'] / r['off_ms']:.2f}% |" for r in rows]
+    lines.append("")
+    for r in rows:
+        ok = r["ratio"] <= ROUTING_BOUND
+        lines.append(f"{'PASS' if ok else 'FAIL'}  {r['variant']} routing statistics overhead <= "
+                     f"{100 * (ROUTING_BOUND - 1):.0f}% of step time (wall): measured {100 * (r['ratio'] - 1):+.2f}%")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="qwen3", choices=["qwen3", "llama"])
@@ -259,6 +339,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-model", action="store_true", help="only the single-layer measurement")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--routing", action="store_true",
+                   help="only the routing-statistics overhead: CoMoL steps with statistics on vs off")
     return p.parse_args(argv)
 
 
@@ -266,6 +348,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.routing:
+        print(routing_report(measure_routing(args), args))
+        return 0
     variants = default_variants() + (preset_variants() if args.all else [])
     if not args.skip_model:
         print(report(measure(args, variants), args))
