@@ -90,4 +90,4 @@ def test_report_marks_diverged_jobs_failed(tmp_path):
     assert status["0_ok"] == ("ok", "")
     assert status["1_marked"][0] == "failed" and "non-finite values: x" in status["1_marked"][1]
     assert status["2_old_nan"][0] == "failed" and "eval/math/mean_acc" in status["2_old_nan"][1]
-    assert status["3_broken"][0] == "failed" and "unreadable" in status["3_broken"][1]
+    assert status["3_broken"][0] == "unreadable" and "not valid JSON" in status["3_broken"][1]

@@ -157,9 +157,9 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise Unreadable(f"{path}: expected a JSON object, got {type(data).__name__}")
     for key, value in data.items():
-        if key.startswith(("eval/", "params/")) and not isinstance(value, (int, float)):
+        if key.startswith(("eval/", "params/")) and value is not None and not isinstance(value, (int, float)):
             raise Unreadable(f"{path}: {key}={value!r} is not a number")
-    return data
+    return data   # null / NaN metrics (a diverged job) are judged by _failed_results
 
 
 def _job_overrides(job_dir: Path) -> list[str]:
