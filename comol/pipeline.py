@@ -141,7 +141,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
     splits = checked.splits
     datamodule = SFTDataModule(_container(cfg.dataset), tokenizer, seed=int(cfg.seed), splits=splits)
     lit = AdapterLM(model, _container(cfg.optim), aux_loss_coeff=adapter_cfg.aux_loss_coeff,
-                    routing_stats=bool(cfg.routing_stats))
+                    routing_stats=bool(cfg.routing_stats), routing_stats_every=int(cfg.routing_stats_every))
 
     loggers = build_loggers(cfg, logger_resume_kwargs(resume_state) if resume_ckpt is not None else None)
     if resume_ckpt is not None:

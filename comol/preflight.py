@@ -75,8 +75,10 @@ def check_bool(key: str, value: Any) -> None:
 
 
 def check_run(cfg: Mapping[str, Any]) -> None:
-    config_check(cfg.get("mode", "train") in ("train", "eval"), "mode", cfg.get("mode"), "'train' or 'eval'")
+    config_check(cfg.get("mode", "train") in ("train", "eval", "base"), "mode", cfg.get("mode"),
+                 "'train', 'eval' or 'base'")
     check_int("seed", cfg.get("seed", 0), minimum=0)
+    check_int("routing_stats_every", cfg.get("routing_stats_every", 1), minimum=1)
     best = cfg.get("select_best")
     config_check(best is None or isinstance(best, str) and best, "select_best", best, "null or a logged metric, e.g. val/loss")
 

@@ -206,6 +206,7 @@ def test_run_logs_routing_at_log_interval_and_summarises_in_results(tmp_path, ad
     from comol.pipeline import run
 
     cfg = compose(["trainer=debug", "trainer.max_steps=4", "trainer.log_every_n_steps=2", "logger=csv",
+                   "routing_stats_every=2",  # batches 0 and 2 recorded: one in each logging interval
                    f"adapter={adapter}", "eval.limit=4", "dataset.train_size=32", "dataset.val_size=8",
                    f"paths.output_dir={tmp_path}"])
     results = run(cfg)

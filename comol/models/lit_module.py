@@ -18,12 +18,13 @@ class AdapterLM(L.LightningModule):
     """Trains only the adapter tensors of a wrapped Hugging Face causal LM."""
 
     def __init__(self, model: torch.nn.Module, optim: Mapping[str, Any], aux_loss_coeff: float = 0.0,
-                 routing_stats: bool = True):
+                 routing_stats: bool = True, routing_stats_every: int = 1):
         super().__init__()
         self.model = model
         #: the adapter context (context.py): padding mask, aux losses, routing statistics, step updates
         self.context = adapter_context(model)
         self.routing_stats = routing_stats
+        self.routing_stats_every = max(int(routing_stats_every), 1)  # record one training batch in N
         self.optim_cfg = dict(optim)
         self.aux_loss_coeff = float(aux_loss_coeff)
         if self.optim_cfg.get("schedule", "constant") not in SCHEDULES:
@@ -49,7 +50,11 @@ class AdapterLM(L.LightningModule):
 
     # -- routing statistics: recorded in training forwards, logged at the logging interval ------
     def on_fit_start(self) -> None:
-        self.context.routing.enabled = self.routing_stats
+        self.context.routing.enabled = False
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # recording costs a few small ops per routed module (launch-bound on a GPU): sample 1 batch in N
+        self.context.routing.enabled = self.routing_stats and batch_idx % self.routing_stats_every == 0
 
     def on_fit_end(self) -> None:
         self.context.routing.enabled = False
@@ -64,7 +69,7 @@ class AdapterLM(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         routing = self.context.routing
         step = self.trainer.global_step
-        if routing.enabled and step > 0 and step % self.trainer.log_every_n_steps == 0 and step != getattr(self, "_routing_step", -1):
+        if self.routing_stats and step > 0 and step % self.trainer.log_every_n_steps == 0 and step != getattr(self, "_routing_step", -1):
             self._routing_step = step
             stats = routing.summary()  # the one host sync, at the logging interval
             routing.reset()
