@@ -93,15 +93,22 @@ def test_eval_saved_adapter_on_six_math_files(tmp_path, trained_adapter, shared_
     assert json.loads((tmp_path / "results.json").read_text())["eval/math/mean_acc"] == res["eval/math/mean_acc"]
 
 
-def test_eval_commonsense_and_rerun_replaces_outputs(tmp_path, trained_adapter, shared_data):
+def test_eval_commonsense_and_a_rerun_never_overwrites(tmp_path, trained_adapter, shared_data):
+    from comol.run_dir import RunDirTaken
+
     args = ("eval=commonsense", "eval.limit=2", "eval.max_new_tokens=4", f"paths.data_dir={shared_data}")
-    eval_run(tmp_path, trained_adapter, *args)
-    first = json.loads((tmp_path / "results.json").read_text())
-    eval_run(tmp_path, trained_adapter, *args)
-    again = json.loads((tmp_path / "results.json").read_text())
-    assert set(first) == set(again) and len([k for k in again if k.startswith("eval/commonsense/")]) == 8
-    assert len((tmp_path / "predictions" / "boolq.jsonl").read_text().splitlines()) == 2
-    assert not list((tmp_path / "predictions").glob("*.tmp"))
+    eval_run(tmp_path / "a", trained_adapter, *args)
+    first = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert len([k for k in first if k.startswith("eval/commonsense/")]) == 8
+    assert len((tmp_path / "a" / "predictions" / "boolq.jsonl").read_text().splitlines()) == 2
+    before = {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    with pytest.raises(RunDirTaken, match="already holds a run"):  # the same dir again: refused, untouched
+        eval_run(tmp_path / "a", trained_adapter, *args)
+    assert {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()} == before
+    again = eval_run(tmp_path / "b", trained_adapter, *args)  # its own dir: the same metrics
+    assert {k: v for k, v in again.items() if k.startswith("eval/")} == {
+        k: v for k, v in first.items() if k.startswith("eval/")}
+    assert not list((tmp_path / "b" / "predictions").glob("*.tmp"))
 
 
 def test_eval_humaneval_sampling_and_sandbox(tmp_path, trained_adapter, shared_data):

@@ -136,6 +136,7 @@ def test_peft_export_refuses_a_corrupt_adapter_and_keeps_the_old_output(tmp_path
     ({"name": "denselora", "r": 2}, "PEFT has no equivalent"),
     ({"name": "parallel_adapter", "adapter_size": 4}, "PEFT has no equivalent"),
 ])
+@pytest.mark.slow
 def test_peft_export_refuses_other_adapters_in_one_line(tmp_path, adapter, reason, capsys):
     _, _, adapter_dir = saved_adapter(tmp_path, model_cfg("tiny_qwen3"), adapter)
     code, io = run_cli([adapter_dir, "--to", "peft", "--out", tmp_path / "peft"], capsys)
@@ -180,6 +181,7 @@ def test_merged_export_is_a_transformers_model_with_our_logits(tmp_path, family,
     ({"name": "denselora", "r": 2}, "not a fixed linear weight delta"),
     ({"name": "prompt", "prompt_length": 2}, "modules inside the decoder blocks"),
 ])
+@pytest.mark.slow
 def test_merged_export_refuses_adapters_without_an_exact_delta(tmp_path, adapter, reason, capsys):
     _, _, adapter_dir = saved_adapter(tmp_path, model_cfg("tiny_qwen3"), adapter)
     code, io = run_cli([adapter_dir, "--merge", "--out", tmp_path / "merged"], capsys)

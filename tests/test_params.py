@@ -29,6 +29,7 @@ def test_printed_figures_match_paper_within_0_01M(capsys):
         assert abs(int(exact.strip("()").replace(",", "")) / 1e6 - float(rounded[:-1])) <= 0.005
 
 
+@pytest.mark.slow
 def test_cli_prints_two_decimals_and_M():
     out = subprocess.run([sys.executable, "-m", "comol.params", "model=qwen3_8b", "adapter=lora", "adapter.r=16"],
                          capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()

@@ -80,6 +80,7 @@ def test_eval_mode_reloads_saved_adapter_and_reproduces_scores(tmp_path):
     assert a == (tmp_path / "eval" / "predictions" / "toy_math.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_multirun_gives_separate_dirs_and_wandb_runs(tmp_path):
     proc = cli("-m", "adapter=lora,comol", "seed=0,1", *FAST, "eval.limit=2", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -98,6 +99,7 @@ def test_multirun_gives_separate_dirs_and_wandb_runs(tmp_path):
     ("adapter.target_modules=[foo_proj]", "matched no nn.Linear"),
     ("dataset=math14k eval=none dataset.train=/no/such/file.json", "/no/such/file.json does not exist"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_error(override, message, tmp_path):
     proc = cli(*override.split(), "logger=none", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2
@@ -109,11 +111,13 @@ def test_bad_input_is_one_line_error(override, message, tmp_path):
 
 @pytest.mark.parametrize("override,message", [("adapter=nope", "Could not find 'adapter/nope'"),
                                               ("model=gpt9", "Could not find 'model/gpt9'")])
+@pytest.mark.slow
 def test_unknown_group_option_is_named(override, message, tmp_path):
     proc = cli(override, f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_data_row_names_file_and_row(tmp_path):
     bad = tmp_path / "train.json"
     bad.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
@@ -122,6 +126,7 @@ def test_bad_data_row_names_file_and_row(tmp_path):
     assert proc.returncode == 2 and f"{bad}: row 1 lacks 'output'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_real_model_without_weights_fails_fast_with_one_sentence(tmp_path):
     proc = cli("model=qwen3_8b", "logger=none", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

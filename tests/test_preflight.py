@@ -124,6 +124,7 @@ def test_adapter_for_another_backbone_is_refused_unless_allowed(tmp_path):
     assert eval_backbone({"model": same}, path, meta, model_given=True) == same
 
 
+@pytest.mark.slow
 def test_toy_dataset_train_file_is_a_one_line_cli_error(tmp_path):
     proc = subprocess.run([sys.executable, "run.py", "dataset.train=/x.json", "logger=none",
                            f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -133,6 +134,7 @@ def test_toy_dataset_train_file_is_a_one_line_cli_error(tmp_path):
         "dataset=math14k dataset.train=<file> (or dataset=codealpaca20k)")
 
 
+@pytest.mark.slow
 def test_help_is_a_short_guide_without_internal_entries():
     proc = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0

@@ -93,6 +93,7 @@ def test_save_load_round_trip_is_exact(smollm2, data_dir, tmp_path, preset):
     assert not torch.allclose(got, base, atol=1e-3)  # the perturbed adapter does change the output
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss_on_real_rows(smollm2, data_dir):
     bare, tok = smollm2
     model = copy.deepcopy(bare)
@@ -147,6 +148,7 @@ def test_params_from_the_yaml_match_a_hand_count_and_the_real_model(smollm2):
     assert count_parameters(model) == (trainable, total)
 
 
+@pytest.mark.slow
 def test_mode_eval_on_a_saved_adapter(smollm2, tmp_path):
     bare, tok = smollm2
     model = copy.deepcopy(bare)
@@ -183,6 +185,7 @@ def test_real_commonsense_split_is_seeded_and_disjoint(tmp_path):
     assert other["train"] != splits["train"]
 
 
+@pytest.mark.slow
 def test_base_mode_scores_the_bare_backbone_on_the_held_out_rows(smollm2, tmp_path):
     results = run(compose(["experiment=real_commonsense/smollm2_135m/base", "dataset.train_per_set=2",
                            "dataset.val_per_set=0", "dataset.test_per_set=2", "eval.max_new_tokens=4",

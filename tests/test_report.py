@@ -59,6 +59,7 @@ def _job_results(sweep: Path) -> list[tuple[dict, dict]]:
     return jobs
 
 
+@pytest.mark.slow
 def test_tiny_multirun_lands_in_separate_dirs_and_one_wandb_group(tiny_sweep):
     dirs = sorted(p.name for p in tiny_sweep.iterdir() if p.is_dir())
     assert len(dirs) == 8 and len({d.split("_", 1)[0] for d in dirs}) == 8
@@ -81,6 +82,7 @@ def test_tiny_multirun_lands_in_separate_dirs_and_one_wandb_group(tiny_sweep):
                      for s in (0, 125)}
 
 
+@pytest.mark.slow
 def test_report_table_from_the_tiny_sweep(tiny_sweep):
     result = report(tiny_sweep)
     out = tiny_sweep / "report"
@@ -114,6 +116,7 @@ def test_report_table_from_the_tiny_sweep(tiny_sweep):
     assert len(_csv_rows(out / "jobs.csv")) == 8
 
 
+@pytest.mark.slow
 def test_report_lists_missing_and_failed_jobs_and_leaves_them_out(tiny_sweep, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_sweep, broken, ignore=shutil.ignore_patterns("report", "wandb", "adapter"))
@@ -214,6 +217,7 @@ def test_rank_sweep_plots_one_line_per_method(tmp_path):
         _assert_png(sweep / "report" / name)
 
 
+@pytest.mark.slow
 def test_report_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "comol.tools.report", str(tmp_path / "nope")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -241,6 +245,7 @@ def test_plain_multirun_dir_is_reported(tmp_path):
     assert rows["comol"]["toy_math n"] == "1/2"
 
 
+@pytest.mark.slow
 def test_unreadable_job_is_named_and_the_rest_reported(tmp_path):
     def metrics(j):
         return {"params/trainable": 1000, "eval/code/humaneval/pass@1": 0.1 + 0.01 * j.num}

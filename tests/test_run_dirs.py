@@ -65,6 +65,7 @@ def test_claim_refuses_a_run_and_a_claimed_dir_and_resume_takes_over(tmp_path):
     claim_run_dir(tmp_path / "empty2", resume=True)
 
 
+@pytest.mark.slow
 def test_a_claimed_run_dir_is_refused_before_hydra_writes_anything(tmp_path):
     run = tmp_path / "run"
     claim_run_dir(run)
@@ -80,6 +81,7 @@ def test_a_claimed_run_dir_is_refused_before_hydra_writes_anything(tmp_path):
     assert sorted(p.name for p in run.rglob("*")) == before              # nothing written (no log either)
 
 
+@pytest.mark.slow
 def test_a_sweep_id_is_launched_once(tmp_path):
     """A second launch of sweep.id=X (its dir is claimed by the first) is refused before any job starts."""
     args = ["sweep=table2_tiny", "sweep.id=fixed", f"sweep.root={tmp_path}", "seed=0",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -25,6 +27,7 @@ def test_progress_line_hand_computed():
     assert _duration(3725) == "1h02m05s"
 
 
+@pytest.mark.slow
 def test_redirected_run_logs_progress_lines_and_no_library_noise(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     env.pop("WANDB_SILENT", None)

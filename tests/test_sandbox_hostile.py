@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # ~90 sandboxed runs: the full table runs in CI (-m slow)
+
 from comol.tools.sandbox import build_program, describe_sandbox, run_program
 from comol.tools.sandbox_confine import LAUNCHER, interpreter_paths
 

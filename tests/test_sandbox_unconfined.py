@@ -65,6 +65,7 @@ def test_bwrap_that_cannot_sandbox_is_reported(monkeypatch, tmp_path):
         run_program("x = 1")
 
 
+@pytest.mark.slow
 def test_execute_cli_scores_a_samples_file(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "predictions").mkdir(parents=True)
@@ -84,6 +85,7 @@ def test_execute_cli_scores_a_samples_file(tmp_path):
     assert [r["statuses"] for r in scored] == [["passed", "failed"], ["error", "passed"]]
 
 
+@pytest.mark.slow
 def test_execute_cli_bad_file(tmp_path):
     bad = tmp_path / "x.samples.jsonl"
     bad.write_text(json.dumps({"task_id": "T/0", "prompt": "p"}) + "\n")

@@ -209,6 +209,7 @@ def test_tiny_twin_has_the_same_jobs_on_a_tiny_backbone(sweep):
     assert tiny[0].summary["wandb_group"].startswith(f"{sweep}_tiny-")
 
 
+@pytest.mark.slow
 def test_dry_run_cli_lists_every_job():
     proc = subprocess.run([sys.executable, "-m", "comol.tools.sweeps", "table2"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
@@ -223,6 +224,7 @@ def test_dry_run_cli_lists_every_job():
     assert len(jobs) == 8 and {j["adapter"]["num_experts"] for j in jobs} == {8, 16, 32, 64}
 
 
+@pytest.mark.slow
 def test_unknown_sweep_is_one_line_error():
     proc = subprocess.run([sys.executable, "-m", "comol.tools.sweeps", "table9"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)

@@ -164,12 +164,12 @@ class RunCheckpoint(L.Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{LAST}.{os.getpid()}.tmp")
         try:
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
         self._last_saved = trainer.global_step
-        log.info("checkpoint: step %d -> %s", trainer.global_step, self.path)
+        log.debug("checkpoint: step %d -> %s", trainer.global_step, self.path)
         return self.path
