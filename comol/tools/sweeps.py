@@ -75,13 +75,20 @@ def _sweep_arguments(master: DictConfig) -> list[str]:
 
 
 def expand_overrides(params: dict, task_overrides: Sequence[str], config_loader=None) -> list[list[str]]:
-    """The override list of every job, in launch order, as Hydra's BasicSweeper builds them."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    """The override list of every job, in launch order, as Hydra's basic sweeper builds them: the
+    cartesian product of every override's values, the first override varying slowest (public parser API)."""
+    import itertools
+
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args = [f"{k}={v}" for k, v in (params or {}).items()] + list(task_overrides)
     parser = OverridesParser.create(config_loader=config_loader)
-    return BasicSweeper.split_arguments(parser.parse_overrides(args), None)[0]
+    choices = []
+    for o in parser.parse_overrides(args):
+        key = o.get_key_element()
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        choices.append([f"{key}={v}" for v in values])
+    return [list(job) for job in itertools.product(*choices)]
 
 
 def overrides_from_multirun_yaml(path: str | Path) -> list[list[str]]:
