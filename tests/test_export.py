@@ -189,3 +189,24 @@ def test_merged_export_refuses_adapters_without_an_exact_delta(tmp_path, adapter
     assert io.err.startswith(f"error: adapter {adapter['name']!r} cannot be merged into the base weights: ")
     assert reason in io.err
     assert not (tmp_path / "merged").exists()
+
+
+def test_peft_export_on_the_real_smollm2_backbone(tmp_path, capsys, smollm2):
+    """The same round trip on SmolLM2-135M (real weights, real tokenizer): PEFT's logits equal ours."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from comol.config import compose
+
+    cfg = OmegaConf.to_container(compose(["model=smollm2_135m"]).model, resolve=True)
+    ours, tok, adapter_dir = saved_adapter(tmp_path, cfg, LORA)
+    code, io = run_cli([adapter_dir, "--to", "peft", "--out", tmp_path / "peft"], capsys)
+    assert code == 0 and "checked against PEFT" in io.out, io
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    b = batch(tok)
+    want = logits(ours, b)
+    assert (want - logits(smollm2[0], b)).abs().max() > 1e-3  # the adapter changes the output
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(smollm2[0]), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(logits(theirs, b), want, atol=1e-5, rtol=0)
