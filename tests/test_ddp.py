@@ -34,10 +34,11 @@ ADAPTERS = {  # dropout 0 everywhere: the two runs must draw no random numbers t
 }
 PER_RANK_BATCH, STEPS, SEQ = 2, 3, 12
 #: tolerance of the DDP == one process comparison of adapter tensors after STEPS AdamW steps at lr 1e-2.
-#: Only the order of fp32 additions differs (largest difference seen: 3.6e-6, CoMoL); Adam divides by
-#: sqrt(v), so an element whose gradient is ~0 can turn rounding noise into a step of up to ~lr. A real
-#: mismatch (another data split, local FlyLoRA counts, local balancing loss) moves tensors by ~lr = 1e-2.
-ATOL = 2e-5
+#: Only the order of fp32 additions differs (largest differences seen: 3.6e-6 CoMoL, 2.3e-5 MoLA on one
+#: element of 512); Adam divides by sqrt(v), so an element whose gradient is ~0 can turn rounding noise into
+#: a step of up to ~lr. A real mismatch (another data split, local FlyLoRA counts, local balancing loss)
+#: moves tensors by ~lr = 1e-2, 100x this tolerance.
+ATOL = 1e-4
 AUX_RTOL = 1e-6  # the logged MoLA balancing loss (~20): seen equal to 1e-7 relative
 
 
@@ -239,7 +240,7 @@ def test_run_py_ddp_cpu_shares_one_run_dir_and_rank_zero_writes_once(tmp_path):
     cmd = [sys.executable, "run.py", "trainer=ddp_cpu", "trainer.max_steps=2", "trainer.val_check_interval=2",
            "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "logger=none", "adapter=flylora",
            "adapter.r=8", "adapter.top_k=2", "dataset.train_size=16", "dataset.val_size=4", "dataset.batch_size=2",
-           "dataset.max_length=32", "eval.limit=2", "eval.max_new_tokens=4", f"paths.log_dir={logs}", *arch]
+           "dataset.max_length=64", "eval.limit=2", "eval.max_new_tokens=4", f"paths.log_dir={logs}", *arch]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PL_DISABLE_FORK": "0"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

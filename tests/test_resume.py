@@ -94,7 +94,7 @@ def test_resume_refuses_other_config_and_allows_resume_safe_keys(tmp_path):
     interrupt_when_checkpointed(out, signal.SIGINT)
     with pytest.raises(RunInterrupted, match="stopped by SIGINT"):
         run(cfg_for(out, "logger=none"))
-    with pytest.raises(ConfigError, match=r"differs from the checkpointed run's in adapter\.r, optim\.lr;"):
+    with pytest.raises(ConfigError, match=r"differs from the checkpointed run's in adapter\.alpha, adapter\.r, optim\.lr;"):
         run(cfg_for(out, "logger=none", "resume=true", "optim.lr=0.1", "adapter.r=4"))
     with pytest.raises(ConfigError, match="already holds a run .*resume=true"):   # no silent restart over it
         run(cfg_for(out, "logger=none"))

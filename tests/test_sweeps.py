@@ -194,6 +194,24 @@ def test_command_line_overrides_narrow_a_sweep():
     assert len(jobs) == 2 * 2 and {j.summary["seed"] for j in jobs} == {0}
 
 
+@pytest.mark.parametrize("params, task", [
+    ({"experiment": "a,b", "seed": "0,125,1225"}, ["seed=0"]),                   # a command-line list replaces the sweep's
+    ({"experiment": "a,b", "seed": "0,1"}, ["adapter.num_experts=8,16", "seed=3,4"]),
+    ({"seed": "0"}, ["+x=1", "y=range(0,3)"]),
+    ({}, ["a=1,2", "b=x", "a=3,4"]),
+])
+def test_expansion_equals_hydras_basic_sweeper(params, task):
+    """Our public-API expansion against Hydra's own BasicSweeper (internal: imported here only to check)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from comol.tools.sweeps import expand_overrides
+
+    args = [f"{k}={v}" for k, v in params.items()] + task
+    hydras = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)[0]
+    assert expand_overrides(params, task) == hydras and len(hydras) > 1
+
+
 @pytest.mark.parametrize("sweep", [s for s in available_sweeps() if not s.endswith("_tiny") and not s.startswith("real_")])
 def test_tiny_twin_has_the_same_jobs_on_a_tiny_backbone(sweep):
     _, paper = expand(sweep)

@@ -330,7 +330,8 @@ class BlockRouter(ContextBound, nn.Module):
     def _route(self, attn: nn.Module, args: tuple, kwargs: dict) -> None:
         normed = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         u = self._raw_input if self.router_input == "raw" else normed
-        cache = kwargs.get("past_key_values")
+        # the decoder layer passes its KV cache as `cache` (transformers >= 5.2x) or `past_key_values` (before)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past_len = 0
         if cache is not None and hasattr(cache, "get_seq_length"):
             past_len = int(cache.get_seq_length(self._layer_idx or 0))

@@ -75,20 +75,23 @@ def _sweep_arguments(master: DictConfig) -> list[str]:
 
 
 def expand_overrides(params: dict, task_overrides: Sequence[str], config_loader=None) -> list[list[str]]:
-    """The override list of every job, in launch order, as Hydra's basic sweeper builds them: the
-    cartesian product of every override's values, the first override varying slowest (public parser API)."""
+    """The override list of every job, in launch order, as Hydra's basic sweeper builds them (public parser
+    API): one list of values per key, a later override of a key (the command line) replacing an earlier one
+    (the sweep's own list) in its place, then the cartesian product, the first key varying slowest."""
     import itertools
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args = [f"{k}={v}" for k, v in (params or {}).items()] + list(task_overrides)
     parser = OverridesParser.create(config_loader=config_loader)
-    choices = []
+    choices: dict[str, list[str]] = {}
     for o in parser.parse_overrides(args):
         key = o.get_key_element()
+        if o.is_sweep_override() and not o.is_discrete_sweep():
+            raise ValueError(f"{o.input_line}: the basic sweeper takes lists, range() or glob(), not an interval")
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        choices.append([f"{key}={v}" for v in values])
-    return [list(job) for job in itertools.product(*choices)]
+        choices[key] = [f"{key}={v}" for v in values]
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
 def overrides_from_multirun_yaml(path: str | Path) -> list[list[str]]:
