@@ -115,6 +115,18 @@ def test_every_experiment_preset_composes(experiment):
         assert cfg.method and cfg.run_name.endswith(f"-{model}-s0")
 
 
+def test_real_commonsense_listing_shows_the_base_row_untrained():
+    from comol.tools.sweeps import format_jobs
+
+    master, jobs = expand("real_commonsense")
+    assert [j.summary["method"] for j in jobs] == ["base (zero-shot)", "LoRA", "CoMoL", "MoLoRA"]
+    rows = format_jobs(master, jobs).splitlines()
+    base = next(r for r in rows if "base (zero-shot)" in r)
+    assert "none (mode=base)" in base and "no training" in base and "comol(" not in base
+    lora = next(r for r in rows if r.split()[1:2] == ["LoRA"])
+    assert "lora(r=16, alpha=16)" in lora and "120 steps" in lora
+
+
 def test_presets_cover_every_table_row():
     assert len(PRESETS) == 9 + 9 + 8 + 8
     assert {p.rsplit("/", 1)[0] for p in PRESETS} == {"math14k/qwen3_8b", "math14k/qwen3_14b",

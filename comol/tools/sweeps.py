@@ -181,6 +181,7 @@ def summarize(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     bs, acc = _sel(cfg, "dataset.batch_size"), _sel(cfg, "trainer.accumulate_grad_batches", 1)
     return {
         "experiment": experiment,
+        "mode": _sel(cfg, "mode"),
         "method": _sel(cfg, "method"),
         "run_name": _sel(cfg, "run_name"),
         "model": _sel(cfg, "model.name"),
@@ -228,7 +229,10 @@ def format_jobs(master: DictConfig, jobs: list[Job]) -> str:
     for j in jobs:
         s = j.summary
         epochs = s["max_epochs"] if s["max_steps"] in (-1, None) else f"{s['max_steps']} steps"
-        rows.append([str(j.num), str(s["method"]), str(s["model"]), _adapter_str(s["adapter"]), str(s["seed"]),
+        adapter = _adapter_str(s["adapter"])
+        if s.get("mode") == "base":   # the bare backbone: no adapter is built and nothing trains
+            adapter, epochs = "none (mode=base)", "no training"
+        rows.append([str(j.num), str(s["method"]), str(s["model"]), adapter, str(s["seed"]),
                      f"{s['lr']:g}/{s['warmup_steps']} {s['schedule']}" if isinstance(s["lr"], float) else str(s["lr"]),
                      f"{s['batch_size']}x{s['accumulate_grad_batches']}={s['effective_batch']}", str(epochs),
                      str(s["max_length"]), str(s["precision"]),
