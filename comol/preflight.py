@@ -27,6 +27,8 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = {"32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true",
               "transformer-engine", "transformer-engine-float16"}
 TOY_SOURCE = "toy_math"
+SPLIT_SOURCE = "eval_split"
+SOURCES = (TOY_SOURCE, "files", SPLIT_SOURCE)   # the sources comol.data.datamodule reads
 FILE_PRESETS = "dataset=math14k dataset.train=<file> (or dataset=codealpaca20k)"
 
 
@@ -119,7 +121,7 @@ def check_trainer(t: Mapping[str, Any]) -> None:
 
 def check_dataset(ds: Mapping[str, Any], context: int | None) -> None:
     source = ds.get("source")
-    config_check(source in (TOY_SOURCE, "files"), "dataset.source", source, f"'{TOY_SOURCE}' or 'files'")
+    config_check(source in SOURCES, "dataset.source", source, " or ".join(f"'{s}'" for s in SOURCES))
     if source == TOY_SOURCE:
         for key in ("train", "val"):
             if ds.get(key) is not None:
@@ -129,6 +131,14 @@ def check_dataset(ds: Mapping[str, Any], context: int | None) -> None:
         check_int("dataset.val_size", ds.get("val_size", 0), minimum=0)
         check_int("dataset.test_size", ds.get("test_size", 0), minimum=0)
         check_int("dataset.max_operand", ds.get("max_operand", 9))
+        check_int("dataset.data_seed", ds.get("data_seed", 0), minimum=0)
+    elif source == SPLIT_SOURCE:   # a seeded split of evaluation files (comol/data/eval_split.py)
+        sets = ds.get("sets")
+        config_check(isinstance(sets, Mapping) and len(sets) > 0, "dataset.sets", sets,
+                     "a mapping {set name: file} (source=eval_split)")
+        check_int("dataset.train_per_set", ds.get("train_per_set"))
+        check_int("dataset.val_per_set", ds.get("val_per_set", 0), minimum=0)
+        check_int("dataset.test_per_set", ds.get("test_per_set", 0), minimum=0)
         check_int("dataset.data_seed", ds.get("data_seed", 0), minimum=0)
     else:
         config_check(isinstance(ds.get("train"), str) and ds.get("train"), "dataset.train", ds.get("train"),

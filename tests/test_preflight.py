@@ -146,3 +146,27 @@ def test_help_is_a_short_guide_without_internal_entries():
         assert f"\n  {group} " in out
 
 
+
+
+def test_seeded_eval_split_dataset_passes_preflight_and_trains(tmp_path):
+    """dataset=real_commonsense (source=eval_split) through the whole run: checked, split written, trained,
+    scored on its own held-out rows (a tiny backbone; the SmolLM2 sweep takes this path)."""
+    results = _run(tmp_path, "dataset=real_commonsense", "eval=real_commonsense", "logger=none", "trainer=debug",
+                   "dataset.train_per_set=4", "dataset.val_per_set=1", "dataset.test_per_set=2",
+                   "eval.max_new_tokens=4")
+    split = tmp_path / "run" / "split"
+    assert results["train/steps"] == 5 and (split / "split.json").is_file()
+    sets = json.loads((split / "split.json").read_text())["sets"]
+    assert len(sets) == 7 and all(f"eval/commonsense/{name}/acc" in results for name in sets)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("dataset.train_per_set=0", "dataset.train_per_set=0 is invalid: expected an integer >= 1"),
+    ("dataset.test_per_set=-1", "dataset.test_per_set=-1 is invalid"),
+    ("dataset.source=eval_splits", "dataset.source='eval_splits' is invalid: expected 'toy_math' or 'files' or "
+                                   "'eval_split'"),
+])
+def test_bad_eval_split_value_is_refused_before_the_backbone(override, message, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _run(tmp_path, *NO_WEIGHTS, "dataset=real_commonsense", "eval=none", override)
+    assert message in str(err.value) and "\n" not in str(err.value)
