@@ -13,11 +13,13 @@ import pytest
 
 from comol.tools.sandbox import (
     ExecResult,
+    SplitProgram,
     build_program,
     describe_sandbox,
     evaluate_humaneval,
     evaluate_programs,
     run_program,
+    whole_program,
 )
 from comol.eval.eval_files import humaneval_file, load_humaneval, require_data_dir
 
@@ -57,7 +59,10 @@ def _program(problem: dict, body: str) -> str:
 
 def test_build_program_layout():
     problem = {"prompt": "def f():\n", "test": "def check(c):\n    assert c() == 1", "entry_point": "f"}
-    assert build_program(problem, "    return 1") == (
+    split = build_program(problem, "    return 1")
+    assert split == SplitProgram(program="def f():\n    return 1\n",
+                                 checks="def f():\n    pass\n\ndef check(c):\n    assert c() == 1\n", entry_point="f")
+    assert whole_program(problem, "    return 1") == (
         "def f():\n    return 1\ndef check(c):\n    assert c() == 1\ncheck(f)\n"
     )
 

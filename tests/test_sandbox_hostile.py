@@ -21,7 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # ~90 sandboxed runs: the full table runs in CI (-m slow)
 
-from comol.tools.sandbox import build_program, describe_sandbox, run_program
+from comol.tools.sandbox import SplitProgram, build_program, describe_sandbox, run_program, whole_program
 from comol.tools.sandbox_confine import LAUNCHER, interpreter_paths
 
 SANDBOX = describe_sandbox()
@@ -177,9 +177,16 @@ def _wait_until(cond, timeout: float = 10.0) -> bool:
     return cond()
 
 
-@pytest.mark.parametrize("guard", [True, False], ids=["guard", "no-guard"])
+def _as_sample(program: str) -> SplitProgram:
+    """The attack as a HumanEval sample run split (the evaluator's path): it PASSES if the attack
+    lets the program get past ``assert ok``, since the function it then defines is right."""
+    return SplitProgram(program=program + "\ndef f():\n    return 1\n",
+                        checks="def check(candidate):\n    assert candidate() == 1\n", entry_point="f")
+
+
+@pytest.mark.parametrize("mode", ["guard", "no-guard", "split"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_hostile_completion_is_contained(case, guard, secrets_on_disk, listener):
+def test_hostile_completion_is_contained(case, mode, secrets_on_disk, listener):
     if case == "read-0600-in-0700-dir-mounted" and not ROOT:
         pytest.skip("a non-root caller owns the file itself: the case is about dropping root")
     marker = f"comol-hostile-{secrets.token_hex(6)}"
@@ -187,7 +194,9 @@ def test_hostile_completion_is_contained(case, guard, secrets_on_disk, listener)
                                  pid=os.getpid(), **secrets_on_disk)
     timeout = SLOW_TIMEOUT.get(case, 5.0)
     start = time.monotonic()
-    res = run_program(program, timeout=timeout, memory_mb=512, guard=guard)
+    if mode == "split":
+        program = _as_sample(program)
+    res = run_program(program, timeout=timeout, memory_mb=512, guard=mode != "no-guard")
     elapsed = time.monotonic() - start
     assert res.status != "passed", (case, res)
     assert res.status in ("failed", "error", "timeout")
@@ -216,11 +225,59 @@ def test_attacks_work_unconfined(case, secrets_on_disk, listener):
         listener.accept()[0].close()
 
 
-def test_known_limit_eq_always_true(by_id=None):
-    """Documented limit: a completion returning an object whose ``__eq__`` is always true
-    satisfies ``assert candidate(x) == y``; the sandbox cannot tell it from a right answer."""
-    problem = {"prompt": "def add(a, b):\n", "entry_point": "add",
-               "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(2, 2) == 4\n"}
-    cheat = "    class Any:\n        def __eq__(self, other):\n            return True\n    return Any()\n"
-    assert run_program(build_program(problem, cheat)).status == "passed"
-    assert run_program(build_program(problem, "    return a - b\n")).status == "failed"
+ADD = {"prompt": "def add(a, b):\n", "entry_point": "add",
+       "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(2, 2) == 4\n"}
+
+#: Completions of ``add`` that answer wrongly and try to forge a pass from inside the program's
+#: process instead: each would pass if it reached the token, the result pipe or the checks.
+FORGERIES = {
+    "frame-walk": "    import sys\n    f = sys._getframe()\n    while f is not None:\n"
+                  "        loc = f.f_locals\n        if 'result_fd' in loc and ('token' in loc or 'token_fd' in loc):\n"
+                  "            import os\n            tok = loc.get('token') or os.read(loc['token_fd'], 256)\n"
+                  "            loc.get('write', os.write)(loc['result_fd'], tok)\n        f = f.f_back\n"
+                  "    return -999\n",
+    "read-every-fd": "    import os\n    got = b''\n    for fd in range(3, 64):\n        try:\n"
+                     "            got += os.read(fd, 256) if not got else b''\n        except OSError:\n"
+                     "            pass\n    for fd in range(3, 64):\n        try:\n            os.write(fd, got)\n"
+                     "        except OSError:\n            pass\n    return -999\n",
+    "parent-fds-via-proc": "    import os\n    ppid = os.getppid()\n    got = b''\n    for fd in range(64):\n"
+                           "        try:\n            got += open(f'/proc/{ppid}/fd/{fd}', 'rb').read(256)\n"
+                           "        except OSError:\n            pass\n    for fd in range(64):\n        try:\n"
+                           "            open(f'/proc/{ppid}/fd/{fd}', 'wb').write(got)\n        except OSError:\n"
+                           "            pass\n    return -999\n",
+    "parent-memory": "    import os\n    try:\n        open(f'/proc/{os.getppid()}/mem', 'rb').read(1)\n"
+                     "        return a + b\n    except OSError:\n        return -999\n",
+    "ptrace-parent": "    import ctypes, os\n    libc = ctypes.CDLL(None, use_errno=True)\n"
+                     "    return a + b if libc.ptrace(16, os.getppid(), 0, 0) == 0 else -999\n",
+    "gc-walk": "    import gc, os\n    for o in gc.get_objects():\n        if isinstance(o, dict) and 'result_fd' in o:\n"
+               "            for fd in range(3, 64):\n                try:\n"
+               "                    os.write(o['result_fd'], os.read(fd, 256))\n                except OSError:\n"
+               "                    pass\n    return -999\n",
+    "eq-always-true": "    class Any:\n        def __eq__(self, other):\n            return True\n    return Any()\n",
+    "eq-always-true-global": "    return ANY\nclass Any:\n    def __eq__(self, other):\n        return True\nANY = Any()\n",
+    "kill-the-checks": "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n    return -999\n",
+    "exit-0": "    import ctypes\n    ctypes.CDLL(None)._exit(0)\n",
+}
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["guard", "no-guard"])
+@pytest.mark.parametrize("case", list(FORGERIES))
+def test_a_split_sample_cannot_forge_a_pass(case, guard):
+    """HumanEval samples run split: the checks and the token live in a process the completion
+    never runs in, so none of these forgeries passes, with or without the in-process guard."""
+    res = run_program(build_program(ADD, FORGERIES[case]), timeout=5.0, guard=guard)
+    assert res.status in ("failed", "error", "timeout"), (case, res)   # read-every-fd blocks on its own pipe
+
+
+@pytest.mark.parametrize("case", ["frame-walk", "read-every-fd", "eq-always-true"])
+def test_forgeries_pass_when_checks_share_the_process(case):
+    """The control: run as ONE program (as other harnesses do), the same completions DO pass, so
+    the split runs above prove something. This is the documented limit of whole-program runs."""
+    assert run_program(whole_program(ADD, FORGERIES[case]), timeout=5.0, guard=False).status == "passed"
+
+
+def test_split_sample_right_and_wrong_answers():
+    assert run_program(build_program(ADD, "    return a + b\n")).status == "passed"
+    assert run_program(build_program(ADD, "    return a - b\n")).status == "failed"
+    assert run_program(build_program(ADD, "    raise ValueError('no')\n")).status == "error"
+    assert run_program(build_program(ADD, "    return [a + b]\n")).status == "failed"

@@ -11,9 +11,11 @@ Layers (docs/evaluation.md, "Executing generated code", states exactly what is c
 2. **Resource limits** set by the launcher: address space, CPU time, file size, processes,
    open files, no core files; plus a wall-clock timeout after which the whole run is killed.
 3. **In-process guard** (:func:`comol.tools.sandbox_child.install_guard`, best effort).
-4. **Unforgeable pass**: a run passes only when the launcher, after the program (ending in
-   ``check(entry_point)``) has returned, writes a per-run random token to a pipe that is
-   read back here; the exit code never makes a pass.
+4. **Unforgeable pass**: a run passes only when the launcher writes a per-run random token to
+   a pipe that is read back here; the exit code never makes a pass. HumanEval samples run
+   *split* (:class:`SplitProgram`): the completion runs in a child process that never holds the
+   token, and the checks run in the launcher's own process, which calls the completion's
+   entry point over a pipe and takes only plain data back (see ``sandbox_child``).
 
 Status of a run: ``passed``, ``failed`` (an ``AssertionError``), ``timeout`` (wall clock or
 CPU limit) or ``error`` (anything else: other exceptions, early exits, blocked operations,
@@ -48,7 +50,7 @@ from comol.tools.sandbox_confine import (
     require_confinement,
 )
 
-__all__ = ["STATUSES", "ExecResult", "ConfinementUnavailable", "build_program", "run_program",
+__all__ = ["STATUSES", "ExecResult", "ConfinementUnavailable", "SplitProgram", "build_program", "run_program",
            "evaluate_programs", "evaluate_humaneval", "describe_sandbox"]
 
 STATUSES = ("passed", "failed", "timeout", "error")
@@ -71,12 +73,40 @@ class ExecResult:
         return self.status == "passed"
 
 
-def build_program(problem: dict, completion: str) -> str:
-    """The HumanEval program: prompt + completion + test + ``check(entry_point)``."""
-    return (
-        problem["prompt"] + completion + "\n" + problem["test"] + "\n"
-        + f"check({problem['entry_point']})\n"
-    )
+@dataclass(frozen=True)
+class SplitProgram:
+    """A program whose checks run apart from it: ``program`` (untrusted: prompt + completion)
+    runs in one process, ``checks`` (trusted: prompt + test, defining ``check(candidate)``) in
+    another, with ``candidate`` a proxy that calls ``entry_point`` in the program's process."""
+
+    program: str
+    checks: str
+    entry_point: str
+
+
+def build_program(problem: dict, completion: str) -> SplitProgram:
+    """A HumanEval sample: prompt + completion as the program, prompt + test as the checks."""
+    return SplitProgram(program=problem["prompt"] + completion + "\n", checks=_checks_source(problem),
+                        entry_point=problem["entry_point"])
+
+
+def _checks_source(problem: dict) -> str:
+    """prompt + test; a prompt whose last function has no body yet (no docstring) gets ``pass``."""
+    for filler in ("", "    pass\n"):
+        source = problem["prompt"] + filler + "\n" + problem["test"] + "\n"
+        try:
+            compile(source, "checks.py", "exec")
+            return source
+        except SyntaxError:
+            continue
+    return problem["prompt"] + "\n" + problem["test"] + "\n"   # the sandbox reports the error
+
+
+def whole_program(problem: dict, completion: str) -> str:
+    """The same sample as ONE program (prompt + completion + test + ``check(entry_point)``), as
+    other harnesses run it; the checks then share the completion's process (forgeable)."""
+    return (problem["prompt"] + completion + "\n" + problem["test"] + "\n"
+            + f"check({problem['entry_point']})\n")
 
 
 class _UidPool:
@@ -201,7 +231,7 @@ def _classify(rc: int, timed_out: bool, timeout: float, stderr: str, token_ok: b
 
 
 def run_program(
-    program: str,
+    program: str | SplitProgram,
     timeout: float = 3.0,
     memory_mb: int = 1024,
     *,
@@ -212,7 +242,7 @@ def run_program(
     confine: bool = True,
     python: str | None = None,
 ) -> ExecResult:
-    """Run ``program`` (Python source) in a sandbox and report how it ended.
+    """Run ``program`` (Python source, or a :class:`SplitProgram`) in a sandbox and report how it ended.
 
     ``timeout`` is wall-clock seconds (the CPU limit is a backstop); ``memory_mb`` bounds the
     address space; ``max_file_mb`` the size of any file written and of the private ``/tmp``
@@ -232,9 +262,13 @@ def run_program(
     host_dir = None if confine else tempfile.mkdtemp(prefix="comol-unconfined-")
     token = secrets.token_hex(16)
     res_r, res_w = os.pipe()
+    tok_r, tok_w = os.pipe()   # the token travels apart from the program (read after a split's fork)
+    os.write(tok_w, token.encode())
+    os.close(tok_w)
+    split = isinstance(program, SplitProgram)
     try:
         if uid is not None:
-            nproc = max_procs + 1
+            nproc = max_procs + 2
         else:
             nproc = _tasks_of_uid(os.getuid()) + max_procs + 8
         config = {
@@ -246,9 +280,11 @@ def run_program(
             "nproc": nproc,
             "guard": guard,
             "result_fd": res_w,
-            "token": token,
-            "program": program,
+            "token_fd": tok_r,
+            "program": program.program if split else program,
         }
+        if split:
+            config["split"] = {"checks": program.checks, "entry_point": program.entry_point}
         home = WORKDIR if confine else host_dir
         env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
                # numeric libraries must not start a thread per core under RLIMIT_NPROC
@@ -268,10 +304,12 @@ def run_program(
             inp.seek(0)
             proc = subprocess.Popen(
                 cmd, stdin=inp, stdout=out, stderr=err, cwd=host_dir or "/", env=env,
-                start_new_session=True, close_fds=True, pass_fds=(res_w,),
+                start_new_session=True, close_fds=True, pass_fds=(res_w, tok_r),
             )
             os.close(res_w)
             res_w = None
+            os.close(tok_r)
+            tok_r = None
             try:
                 exited = _wait_exited(proc.pid, timeout)
             finally:
@@ -289,15 +327,16 @@ def run_program(
         return ExecResult(status, detail, time.monotonic() - start)
     finally:
         os.close(res_r)
-        if res_w is not None:
-            os.close(res_w)
+        for fd in (res_w, tok_r):
+            if fd is not None:
+                os.close(fd)
         if host_dir is not None:
             shutil.rmtree(host_dir, ignore_errors=True)
         _UIDS.release(uid)
 
 
 def evaluate_programs(
-    jobs: Iterable[tuple[Hashable, str]],
+    jobs: Iterable[tuple[Hashable, str | SplitProgram]],
     workers: int = 4,
     timeout: float = 3.0,
     progress: bool = True,

@@ -1,20 +1,36 @@
 """The launcher that runs INSIDE the sandbox: ``python -I -B sandbox_child.py`` (stdlib only).
 
-It reads one JSON document from stdin (limits, uid, the program, the pass token), detaches
-stdin, sets the resource limits, drops to the sandbox uid when started as root, installs
-the in-process guard and executes the program. Only when the program (prompt + completion +
-test + ``check(entry_point)``) has run to its end does it write the per-run token to the
-result pipe (fd ``result_fd``); the evaluator counts a pass only when it reads back exactly
-that token, never from the exit code. Exit codes (informative only): 1 an ``AssertionError``,
-2 any other exception or an early ``exit()``, 3 the setup failed.
+It reads one JSON document from stdin (limits, uid, the program), detaches stdin, sets the
+resource limits, drops to the sandbox uid when started as root and runs the program. The
+per-run pass token arrives on a pipe of its own (``token_fd``); the evaluator counts a pass
+only when it reads back exactly that token from the result pipe (``result_fd``), never from
+the exit code. Two ways to run:
+
+* **split** (HumanEval, ``cfg["split"]``): the process forks. The child runs the untrusted code
+  (prompt + completion) under the in-process guard and serves calls to the entry point; the
+  parent, which never runs untrusted code, runs the trusted checks (prompt + test) with a proxy
+  that calls the child over pipes and accepts only plain data back (restricted unpickling). The
+  parent reads the token after the fork and writes it only when ``check(candidate)`` returned.
+  The child has neither the token nor the result pipe, and cannot reach the parent's memory or
+  descriptors (the parent is not dumpable, and both run as the same unprivileged uid). A result
+  object that lies in ``__eq__`` cannot cross the pipe.
+* **whole program** (``cfg["split"]`` absent): the program runs in the launcher's own process
+  and the token is written when it has run to its end. A program written against this launcher
+  can forge that (it shares the process); kept for code_eval-style references.
+
+Exit codes (informative only): 1 an ``AssertionError``, 2 any other exception or an early
+``exit()``, 3 the setup failed.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import traceback  # imported before the uid drop: reporting must not need the disk
@@ -205,6 +221,177 @@ def _report(exc: BaseException) -> None:
         traceback.print_exception(type(exc), exc, exc.__traceback__, limit=-3)
 
 
+def _not_dumpable() -> None:
+    """PR_SET_DUMPABLE 0: another process of the same uid can no longer open this one's
+    ``/proc/<pid>/{fd,mem,environ}`` nor ptrace it (inherited by fork)."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+# --------------------------------------------------------------------------------------
+# Split mode: messages between the checks (parent) and the program (child).
+# --------------------------------------------------------------------------------------
+
+#: largest message accepted from the program's process (a return value, pickled)
+MAX_MESSAGE = 64 * 2**20
+#: the only classes a return value may name (plain data; every other class is refused)
+DATA_CLASSES = {("builtins", name) for name in ("complex", "set", "frozenset", "bytearray", "range", "slice")}
+
+
+class CandidateError(Exception):
+    """The program's entry point raised, returned something that is not plain data, or died."""
+
+
+class _PlainData(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in DATA_CLASSES:
+            import builtins
+
+            return getattr(builtins, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+
+def _send(fd: int, obj) -> None:
+    data = pickle.dumps(obj, protocol=4)
+    view = memoryview(struct.pack("<Q", len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _receive(fd: int, trusted: bool):
+    """The next message, or None at end of pipe; from the program's process only plain data."""
+    head = _read_exactly(fd, 8)
+    if head is None:
+        return None
+    (size,) = struct.unpack("<Q", head)
+    if size > MAX_MESSAGE:
+        raise CandidateError(f"the program sent a {size}-byte message (limit {MAX_MESSAGE})")
+    data = _read_exactly(fd, size)
+    if data is None:
+        return None
+    if trusted:
+        return pickle.loads(data)
+    try:
+        return _PlainData(io.BytesIO(data)).load()
+    except Exception as exc:  # noqa: BLE001
+        raise CandidateError(f"the program returned something that is not plain data ({exc})") from None
+
+
+def serve_program(source: str, entry_point: str, requests: int, replies: int) -> int:
+    """Child: run the program, then answer ``(args, kwargs)`` calls of ``entry_point`` until
+    the parent closes the pipe. Returns the exit status."""
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    try:
+        exec(compile(source, "program.py", "exec"), namespace)
+        function = namespace[entry_point]
+    except BaseException as exc:
+        _report(exc)
+        _send(replies, ("failed" if isinstance(exc, AssertionError) else "error", None))
+        return EXIT_FAILED if isinstance(exc, AssertionError) else EXIT_ERROR
+    _send(replies, ("ready", None))
+    while True:
+        call = _receive(requests, trusted=True)
+        if call is None:
+            return EXIT_DONE
+        try:
+            reply = ("ok", function(*call[0], **call[1]))
+            pickle.dumps(reply, protocol=4)
+        except BaseException as exc:  # noqa: BLE001  (the parent decides what it means)
+            reply = ("raised", (type(exc).__name__, str(exc)[:500]))
+        try:
+            _send(replies, reply)
+        except Exception as exc:  # noqa: BLE001
+            _send(replies, ("raised", (type(exc).__name__, str(exc)[:500])))
+
+
+def check_program(checks: str, entry_point: str, requests: int, replies: int) -> None:
+    """Parent: run the trusted checks (prompt + test) on a proxy of the program's entry point.
+    Returns only when ``check(candidate)`` returned; raises otherwise."""
+    ready = _receive(replies, trusted=False)
+    if not isinstance(ready, tuple) or ready[:1] != ("ready",):
+        kind = ready[0] if isinstance(ready, tuple) and ready else None
+        if kind == "failed":
+            raise AssertionError("the program failed an assertion before its checks ran")
+        raise CandidateError(f"the program did not define {entry_point} (it raised or exited first)")
+
+    def candidate(*args, **kwargs):
+        _send(requests, (args, kwargs))
+        reply = _receive(replies, trusted=False)
+        if not isinstance(reply, tuple) or len(reply) != 2:
+            raise CandidateError(f"{entry_point}: the program's process ended or answered out of turn")
+        kind, value = reply
+        if kind == "ok":
+            return value
+        name, message = value if isinstance(value, tuple) and len(value) == 2 else ("?", "")
+        if name == "AssertionError":
+            raise AssertionError(f"{entry_point} raised AssertionError: {message}")
+        raise CandidateError(f"{entry_point} raised {name}: {message}")
+
+    candidate.__name__ = entry_point
+    namespace = {"__name__": "__checks__", "__builtins__": __builtins__}
+    exec(compile(checks, "checks.py", "exec"), namespace)
+    namespace[entry_point] = candidate   # tests may call the function by its name too
+    namespace["check"](candidate)
+
+
+def _run_split(cfg: dict, split: dict, token_fd: int, result_fd: int, write, exit_now) -> int:
+    """Fork; the child runs the program, this process the checks. Returns the exit status."""
+    import signal as _signal
+
+    _not_dumpable()
+    requests_r, requests_w = os.pipe()
+    replies_r, replies_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the program's process: no token, no result pipe, no way back up
+        status = EXIT_SETUP
+        try:
+            for fd in (token_fd, result_fd, requests_w, replies_r):
+                os.close(fd)
+            if cfg["guard"]:
+                install_guard(cfg["workdir"])
+            status = serve_program(cfg.pop("program"), split["entry_point"], requests_r, replies_w)
+        except BaseException:
+            pass
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:
+                    pass
+            exit_now(status)
+    cfg.pop("program")
+    os.close(requests_r)
+    os.close(replies_w)
+    token = os.read(token_fd, 256)   # only now, in the process that never runs the program
+    os.close(token_fd)
+    try:
+        check_program(split["checks"], split["entry_point"], requests_w, replies_r)
+    except BaseException as exc:
+        _report(exc)
+        return EXIT_FAILED if isinstance(exc, AssertionError) else EXIT_ERROR
+    finally:
+        try:
+            os.kill(pid, _signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+    write(result_fd, token)   # the checks ran to completion
+    return EXIT_DONE
+
+
 def main() -> None:
     exit_now, write, close = os._exit, os.write, os.close  # kept before the guard swaps them
     status = EXIT_SETUP
@@ -214,23 +401,29 @@ def main() -> None:
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             os.close(devnull)
-            result_fd, token = cfg.pop("result_fd"), cfg.pop("token").encode()
-            source = cfg.pop("program")
+            result_fd, token_fd = cfg.pop("result_fd"), cfg.pop("token_fd")
+            split = cfg.pop("split", None)
             os.chdir(cfg["workdir"])
             os.umask(0o077)
             set_limits(cfg)
             if cfg["uid"] is not None:
                 drop_privileges(cfg["uid"])
-            if cfg["guard"]:
+            if cfg["guard"] and not split:
                 install_guard(cfg["workdir"])
         except BaseException as exc:
             _report(exc)
             return
 
+        if split:
+            try:
+                status = _run_split(cfg, split, token_fd, result_fd, write, exit_now)
+            finally:
+                close(result_fd)
+            return
+
         namespace = {"__name__": "__main__", "__builtins__": __builtins__}
         try:
-            code = compile(source, "program.py", "exec")
-            del source
+            code = compile(cfg.pop("program"), "program.py", "exec")
             exec(code, namespace)
         except BaseException as exc:
             status = EXIT_FAILED if isinstance(exc, AssertionError) else EXIT_ERROR
@@ -239,8 +432,8 @@ def main() -> None:
             namespace.clear()
             _report(exc)
         else:
-            # The checks ran to completion: only now does the token leave this process.
-            write(result_fd, token)
+            # The program ran to its end: only now is the token read and written back.
+            write(result_fd, os.read(token_fd, 256))
             status = EXIT_DONE
         finally:
             close(result_fd)
