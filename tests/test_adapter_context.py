@@ -223,3 +223,71 @@ def test_run_logs_routing_at_log_interval_and_summarises_in_results(tmp_path, ad
     assert all(r["routing/mean_entropy"] for r in logged)
     module_keys = [k for k in rows[0] if k.startswith("routing/model.layers.0.") and k.endswith("/entropy")]
     assert len(module_keys) == 5  # q, k, v, o, down of layer 0
+
+
+#: every adapter preset with a router (conf/adapter/*.yaml): linear-level ones route inside each adapted
+#: projection, block-level ones (MoA) once per decoder layer (``layer.adapter_moa``)
+ROUTED_PRESETS = ["comol", "comol_nocr", "comol_sh", "molora", "hydralora", "mola", "mole", "adamole", "flylora",
+                  "softmoa", "softmoa_instance", "sparsemoa", "unipeft"]
+BLOCK_LEVEL = {"softmoa", "softmoa_instance", "sparsemoa", "unipeft"}
+
+
+def preset(name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    from comol.config import compose
+
+    return OmegaConf.to_container(compose([f"adapter={name}"]).adapter, resolve=True)
+
+
+def one_recorded_forward(model, batch):
+    """(summary, loads, recorded tokens per module) of one eval forward with statistics on."""
+    model.eval()
+    with adapter_context(model).routing.collecting() as stats, torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        # the token count every mean is divided by (the accumulators are not public otherwise)
+        tokens = {name: float(acc.tokens) for name, acc in stats._acc.items()}
+        return stats.summary(), stats.loads(), tokens
+
+
+@pytest.mark.parametrize("name", ROUTED_PRESETS)
+def test_routing_statistics_of_every_routed_adapter(name):
+    """One left-padded forward per preset: an entry per routed module, loads summing to 1 (gate mass: the
+    share of real tokens with any weight, so at most 1), entropy in [0, 1], exactly the real tokens counted."""
+    cfg = preset(name)
+    model, tok = adapted(cfg)
+    batch = padded_batch(tok)
+    real = int(batch["attention_mask"].sum())
+    layers = model.config.num_hidden_layers
+    if name in BLOCK_LEVEL:
+        want = {f"model.layers.{i}.adapter_moa" for i in range(layers)}
+    else:
+        want = {n for n, _ in model.named_modules()  # the adapted projections (not comol_sh's shared A, B)
+                if n.startswith("model.layers.") and n.rsplit(".", 1)[-1] in cfg["target_modules"]}
+        assert len(want) == layers * len(cfg["target_modules"])
+    summary, loads, tokens = one_recorded_forward(model, batch)
+
+    modules = {k[len("routing/"):-len("/entropy")] for k in summary if k.count("/") > 1 and k.endswith("/entropy")}
+    assert modules == set(loads) == set(tokens) == want
+    experts = cfg["r"] if name == "flylora" else cfg.get("num_experts")  # FlyLoRA routes over its ranks
+    for module in want:
+        load = loads[module]["load"]
+        assert experts is None or len(load) == experts
+        assert min(load) >= 0 and sum(load) == pytest.approx(1.0, abs=1e-5), module
+        if "gate_mass" in loads[module]:
+            assert min(loads[module]["gate_mass"]) >= 0 and 0 < sum(loads[module]["gate_mass"]) <= 1 + 1e-5
+        assert -1e-6 <= summary[f"routing/{module}/entropy"] <= 1 + 1e-6, module
+        assert tokens[module] == real, module
+    assert 0 <= summary["routing/mean_entropy"] <= 1 + 1e-6
+
+
+def test_presets_without_a_router_record_nothing():
+    """The list above is complete: every other preset leaves the statistics empty."""
+    from comol import CONF_DIR
+
+    others = sorted({p.stem for p in (CONF_DIR / "adapter").glob("*.yaml")} - set(ROUTED_PRESETS))
+    assert others and set(ROUTED_PRESETS) <= {p.stem for p in (CONF_DIR / "adapter").glob("*.yaml")}
+    for name in others:
+        model, tok = adapted(preset(name))
+        summary, loads, _ = one_recorded_forward(model, padded_batch(tok))
+        assert summary == {} and loads == {}, name

@@ -13,14 +13,15 @@ from comol.config import compose
 from comol.io_utils import atomic_write_json
 from comol.pipeline import finite_results, run
 from comol.tools.report import load_jobs
-from comol.training.divergence import DivergenceError, DivergenceGuard
+from comol.training.checkpointing import checkpoint_path
+from comol.training.divergence import DivergenceError, DivergenceGuard, nonfinite_tensors
 
 MICRO = ["model.arch.hidden_size=64", "model.arch.num_layers=2", "model.arch.head_dim=16",
          "model.arch.intermediate_size=128", "trainer=debug", "trainer.enable_progress_bar=false",
          "dataset.train_size=32", "dataset.val_size=8", "eval=none", "logger=none", "adapter=lora"]
 
 
-def test_lr_1e30_stops_with_one_line_and_saves_nothing(tmp_path):
+def test_lr_1e30_stops_with_one_line_saves_nothing_and_keeps_a_finite_checkpoint(tmp_path):
     cfg = compose([*MICRO, "optim.lr=1e30", "optim.warmup_steps=0", f"paths.output_dir={tmp_path}"])
     with pytest.raises(DivergenceError) as err:
         run(cfg)
@@ -28,6 +29,27 @@ def test_lr_1e30_stops_with_one_line_and_saves_nothing(tmp_path):
     assert "\n" not in msg and msg.startswith("training diverged at step ")
     assert "optim.lr (now 1e+30)" in msg and "divergence.policy=skip" in msg
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "results.json").exists()
+    # trainer=debug saves every step: last.ckpt is the last step before the divergence, all of it finite
+    ckpt = torch.load(checkpoint_path(tmp_path), map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] < int(msg.split("at step ")[1].split(":")[0])
+    tensors = dict(_float_tensors(ckpt["state_dict"], "state_dict"))
+    tensors.update(_float_tensors(ckpt["optimizer_states"], "optimizer_states"))
+    assert any(k.startswith("state_dict.") for k in tensors) and any("exp_avg_sq" in k for k in tensors)
+    bad = nonfinite_tensors(tensors.items())
+    assert not bad, f"non-finite tensors in last.ckpt: {bad}"
+
+
+def _float_tensors(obj, prefix: str):
+    """(path, tensor) for every floating-point tensor nested in dicts / lists of a checkpoint."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _float_tensors(v, f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _float_tensors(v, f"{prefix}[{i}]")
 
 
 def _step(guard, params, opt, loss):

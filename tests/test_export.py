@@ -3,8 +3,10 @@ compared with ours) and any exactly-mergeable adapter as a merged Transformers m
 (loaded by ``AutoModelForCausalLM``); refusals for the adapters that have neither.
 
 Backbones: the tiny Qwen3 and tiny Llama of conf/model (random-init from ``init_seed``, so
-``load_backbone`` rebuilds the same weights every time). There is no real-model fixture in
-this branch, so no real checkpoint is exercised here.
+``load_backbone`` rebuilds the same weights every time), and SmolLM2-135M (the session
+``smollm2`` fixture of conftest: real weights, real tokenizer) for one PEFT round trip.
+peft is a dev dependency: imported plainly, so a missing peft fails the module instead of
+skipping it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import peft
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -23,8 +26,6 @@ from comol.data import collate_left, encode_example, generate_toy_math
 from comol.errors import CheckpointError
 from comol.export import export_peft, main
 from comol.models import load_backbone
-
-peft = pytest.importorskip("peft", reason="peft is in the dev extra: pip install -e '.[dev]'")
 
 FAMILIES = ["tiny_qwen3", "tiny_llama"]
 LORA = {"name": "lora", "r": 4, "alpha": 12, "dropout": 0.05, "target_modules": ["q_proj", "v_proj", "down_proj"]}

