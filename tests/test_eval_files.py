@@ -31,6 +31,19 @@ def test_data_dir_env_and_default(monkeypatch, tmp_path):
     assert (REPO / "data" / "eval" / "math" / "gsm8k.json").is_file()
 
 
+def test_installed_wheel_reads_data_from_the_working_dir(monkeypatch, tmp_path):
+    """Without a checkout around the package (no run.py beside it) the data dir is ./data, never a
+    folder that merely sits next to the installed package (site-packages/data)."""
+    import comol.eval.eval_files as ef
+
+    monkeypatch.delenv("COMOL_DATA_DIR", raising=False)
+    site = tmp_path / "site-packages"
+    (site / "data").mkdir(parents=True)
+    monkeypatch.setattr(ef, "ROOT", site)
+    monkeypatch.chdir(tmp_path)
+    assert default_data_dir() == tmp_path / "data"
+
+
 def test_missing_data_dir_says_how_to_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("COMOL_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=r"nowhere.*set COMOL_DATA_DIR"):

@@ -10,13 +10,14 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from comol import ROOT
 from comol.data.loading import check_rows, read_json_rows
 from comol.errors import DataError
 
 #: Environment variable pointing at another data folder (``eval/``, ``train/``) than the bundled one.
 DATA_ENV_VAR = "COMOL_DATA_DIR"
 #: The evaluation sets and validation splits shipped with the repository (see data/README.md).
-BUNDLED_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+BUNDLED_DATA_DIR = ROOT / "data"
 
 #: Fields every HumanEval problem must carry (``canonical_solution`` is optional).
 HUMANEVAL_FIELDS = ("task_id", "prompt", "entry_point", "test")
@@ -34,7 +35,10 @@ def default_data_dir() -> Path:
     :func:`require_data_dir`.
     """
     env = os.environ.get(DATA_ENV_VAR)
-    return Path(env).expanduser() if env else BUNDLED_DATA_DIR
+    if env:
+        return Path(env).expanduser()
+    # a checkout (run.py beside data/); an installed wheel has no data/: ./data of the working dir
+    return BUNDLED_DATA_DIR if (ROOT / "run.py").is_file() else Path.cwd() / "data"
 
 
 def require_data_dir() -> Path:
@@ -42,8 +46,8 @@ def require_data_dir() -> Path:
     path = default_data_dir()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"data folder {path} not found: it ships with a git checkout of comol (data/); "
-            f"set {DATA_ENV_VAR} to a folder holding eval/math, eval/commonsense and eval/code"
+            f"data folder {path} not found: it ships with a git checkout of comol (data/), not with an "
+            f"installed wheel; set {DATA_ENV_VAR} to a folder holding eval/math, eval/commonsense and eval/code"
         )
     return path
 
