@@ -97,7 +97,7 @@ def peft_config(cfg: AdapterConfig, base: Mapping[str, Any], targets: list[str])
         "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True,
         "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
         "inference_mode": True,
-        "base_model_name_or_path": base.get("path") or base.get("hub_id"),
+        "base_model_name_or_path": base.get("hub_id") or base.get("path"),   # portable id first
     }
 
 

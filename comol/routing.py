@@ -1,6 +1,6 @@
 """Routing pictures of a saved adapter (docs/routing.md).
 
-    python -m comol.routing <adapter dir> [eval set] [--rows N] [--out DIR] [--module NAME]
+    python -m comol.routing <adapter dir> [eval set] [--rows N] [--batch-size B] [--out DIR] [--module NAME]
 
 Loads the backbone named in the adapter's config and the adapter, runs teacher-forced forwards of
 the prompts of ``--rows`` rows of an evaluation set (batched and left-padded as in generation,

@@ -68,7 +68,7 @@ def test_score_row_and_accuracy():
 
 
 # Scoring each file's own `output` ("the correct answer is answer2") as the response: every
-# output names its gold label, so all seven sets score 100% (hellaswag is not in the shared
+# output names its gold label, so all seven sets score 100% (hellaswag is not in the bundled
 # data). Recorded as (correct, rows).
 GOLD_AS_RESPONSE = {
     "boolq": (3270, 3270),
