@@ -67,6 +67,9 @@ CASES = {
                                "ok = True"),
     "write-io-open-home": _try("import _io\n_io.open('{home}/{marker}', 'w').write('x')\nok = True"),
     "write-ctypes-open-repo": _try(LIBC + "ok = libc.open(b'{repo}/{marker}', 0o101, 0o644) >= 0"),
+    "fill-tmp": _try("import _io, os\nfor i in range(64):\n"
+                     "    with _io.open(f'/tmp/{marker}-{{i}}', 'wb') as f:\n"
+                     "        f.write(b'x' * 2**20 * 8)\nok = True"),
     "fill-dev-shm": _try("import _io, os\nfor i in range(64):\n"
                          "    with _io.open(f'/dev/shm/{marker}-{{i}}', 'wb') as f:\n"
                          "        f.write(b'x' * 2**20 * 8)\nok = True"),
@@ -205,6 +208,66 @@ def test_hostile_completion_is_contained(case, mode, secrets_on_disk, listener):
     assert _wait_until(lambda: _sandbox_processes(marker) == []), _sandbox_processes(marker)
     with pytest.raises(socket.timeout):  # nothing reached the host's listener
         listener.accept()[0].close()
+
+
+def test_the_sandbox_is_what_the_docs_say():
+    """Seen from inside: own PID, network, IPC, UTS and mount namespaces, no_new_privs, no
+    capabilities, a throw-away uid (root callers), the hostname, and a 16 MiB /tmp and /dev/shm."""
+    probe = (
+        "import os, sys\n"
+        "status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)\n"
+        "ns = {n: os.readlink(f'/proc/self/ns/{n}') for n in ('pid', 'net', 'ipc', 'uts', 'mnt')}\n"
+        "vfs = {d: os.statvfs(d).f_blocks * os.statvfs(d).f_frsize for d in ('/tmp', '/dev/shm')}\n"
+        "print(repr({'ns': ns, 'nnp': status['NoNewPrivs'].strip(), 'cap': status['CapEff'].strip(),\n"
+        "            'uid': os.getuid(), 'host': os.uname().nodename, 'size': vfs}), file=sys.stderr)\n"
+        "assert False\n"
+    )
+    res = run_program(probe, timeout=5.0)
+    assert res.status == "failed", res
+    import ast
+
+    seen = ast.literal_eval(res.detail.strip().splitlines()[0])
+    for name, link in seen["ns"].items():
+        assert link != os.readlink(f"/proc/self/ns/{name}"), name    # not the evaluator's namespace
+    assert seen["nnp"] == "1" and int(seen["cap"], 16) == 0 and seen["host"] == "sandbox"
+    assert seen["size"] == {"/tmp": 16 * 2**20, "/dev/shm": 16 * 2**20}
+    if ROOT:
+        assert seen["uid"] >= 2_000_000_000
+
+
+def test_the_in_process_guard_refuses_what_the_os_would_allow():
+    """The guard is a layer of its own: inside the sandbox, writing to the private /dev/shm and
+    starting a process are allowed by the OS (guard off) and refused by the guard (guard on)."""
+    attempts = {
+        "write": ("open('/dev/shm/x', 'w').write('x')\n", "writing '/dev/shm/x' outside the sandbox is disabled"),
+        "spawn": ("import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'pass'], check=True)\n",
+                  "subprocess.run is disabled in the sandbox"),
+        "fork": ("import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\n",
+                 "os.fork is disabled in the sandbox"),
+    }
+    for name, (program, refusal) in attempts.items():
+        assert run_program(program, timeout=5.0, guard=False).status == "passed", name
+        res = run_program(program, timeout=5.0, guard=True)
+        assert res.status == "error" and refusal in res.detail, (name, res)
+
+
+def test_the_sandbox_dies_with_the_evaluator():
+    """--die-with-parent: an evaluator killed mid-run (SIGKILL, no cleanup) leaves no sandbox behind."""
+    import subprocess
+    import sys
+
+    def launchers() -> list[int]:   # sandbox launchers on the host, whoever started them
+        return [p for p in _sandbox_processes("\0no marker\0") if p != evaluator.pid]
+
+    evaluator = subprocess.Popen([sys.executable, "-c", "from comol.tools.sandbox import run_program\n"
+                                  "run_program('import time\\ntime.sleep(120)', timeout=120)\n"], cwd=REPO)
+    try:
+        assert _wait_until(lambda: launchers() != [], timeout=30), "the sandbox never started"
+        time.sleep(0.5)   # well inside the program's sleep
+    finally:
+        evaluator.kill()
+        evaluator.wait()
+    assert _wait_until(lambda: launchers() == [], timeout=10), launchers()
 
 
 @pytest.mark.parametrize("case", ["read-etc-shadow", "read-0600-in-0700-dir-mounted", "host-proc",
