@@ -94,3 +94,22 @@ def test_execute_cli_bad_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "comol.eval.execute", str(bad)], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+
+
+def test_a_humaneval_run_refuses_before_generating_and_records_an_explicit_unconfined_run(no_bwrap, tmp_path):
+    """Through the run itself (runner path): without bwrap nothing is generated or written; with
+    eval.allow_unconfined=true the run executes and results.json says confined: 0."""
+    from comol.config import compose
+    from comol.pipeline import run
+
+    def job(name, *extra):
+        return compose(["mode=base", "eval=humaneval", "eval.limit=2", "eval.max_new_tokens=4", "logger=none",
+                        "eval.workers=1", *extra, f"paths.output_dir={tmp_path / name}"])
+
+    with pytest.raises(ConfinementUnavailable, match="eval.allow_unconfined=true"):
+        run(job("refused"))
+    assert not list((tmp_path / "refused").rglob("*.jsonl")) and not (tmp_path / "refused" / "results.json").exists()
+    results = run(job("allowed", "eval.allow_unconfined=true"))
+    assert results["eval/code/humaneval/confined"] == 0.0 and "eval/code/humaneval/pass@1" in results
+    saved = json.loads((tmp_path / "allowed" / "results.json").read_text())
+    assert saved["eval/code/humaneval/confined"] == 0.0
