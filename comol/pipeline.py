@@ -152,10 +152,9 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
             lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True),
                                 "params/trainable": trainable, "params/total": total})
         keeper = BestAdapterKeeper(cfg.select_best) if cfg.get("select_best") else None
-        ckpt_cfg, div_cfg = _container(cfg.get("checkpoint")) or {}, _container(cfg.get("divergence")) or {}
-        every = ckpt_cfg.get("every_n_steps", "auto")
+        every = cfg.checkpoint.every_n_steps   # conf/train.yaml holds the defaults of both blocks
         every = auto_every_n_steps(_container(cfg.trainer)) if every in ("auto", None) else int(every)
-        guard = DivergenceGuard(div_cfg.get("policy", "stop"), div_cfg.get("max_skips", 10), lr=cfg.optim.lr)
+        guard = DivergenceGuard(cfg.divergence.policy, cfg.divergence.max_skips, lr=cfg.optim.lr)
         checkpointer = RunCheckpoint(out_dir, every, OmegaConf.to_container(cfg, resolve=True))
         bar = bool(cfg.trainer.enable_progress_bar) and on_terminal()  # redirected: progress lines instead
         callbacks = [ProgressLog(cfg.progress_interval_s)] + ([StepProgressBar()] if bar else [])

@@ -79,14 +79,14 @@ def test_skip_policy_leaves_weights_and_optimizer_moments_untouched():
 
 
 def test_stop_policy_names_step_and_loss():
-    guard = DivergenceGuard("stop", lr=0.5)
+    guard = DivergenceGuard("stop", max_skips=10, lr=0.5)
     with pytest.raises(DivergenceError, match=r"at step 4: loss=nan; try a lower optim.lr \(now 0.5\)"):
         guard.on_before_backward(SimpleNamespace(global_step=3), None, torch.tensor(float("nan")))
 
 
 def test_bad_policy_is_config_error():
     with pytest.raises(ValueError, match="divergence.policy='maybe' is invalid"):
-        DivergenceGuard("maybe")
+        DivergenceGuard("maybe", max_skips=10)
 
 
 def test_results_json_is_always_valid_json(tmp_path):

@@ -29,7 +29,7 @@ def nonfinite_tensors(named) -> list[str]:
 
 
 class DivergenceGuard(L.Callback):
-    def __init__(self, policy: str = "stop", max_skips: int = 10, lr=None):
+    def __init__(self, policy: str, max_skips: int, lr=None):
         config_check(policy in POLICIES, "divergence.policy", policy, f"one of {POLICIES}")
         config_check(int(max_skips) >= 0, "divergence.max_skips", max_skips, "an integer >= 0")
         self.policy, self.max_skips, self.lr = policy, int(max_skips), lr
