@@ -76,6 +76,8 @@ def claim_dir(path: str | os.PathLike, *, outputs: Iterable[str] = RUN_OUTPUTS, 
         return path
     held = [name for name in outputs if (path / name).exists()]
     finished = [name for name in held if name != ".hydra"]
+    if (path / "checkpoints" / "last.ckpt").is_file() and not (path / "results.json").exists():
+        hint = "it was interrupted: continue it with resume=true and the same overrides, or " + hint
     if finished:   # a run's outputs say most
         raise RunDirTaken(f"{what} {path} already holds a run ({finished[0]}): a run never overwrites another; {hint}")
     if (path / CLAIM_FILE).exists():

@@ -1,6 +1,7 @@
 """Multi-process training on CPU (gloo): a 2-process DDP run equals a 1-process run with the doubled
-batch; gradient checkpointing changes nothing; the FSDP wrap policy never mixes frozen and trainable
-tensors in one unit; an end-to-end `run.py trainer=ddp_cpu` run shares one run dir and writes once."""
+batch (adapter tensors, balancing loss, routing statistics); gradient checkpointing changes nothing; the
+FSDP wrap policy never mixes frozen and trainable tensors in one unit; an end-to-end
+`run.py trainer=ddp_cpu` run shares one run dir and writes once."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import lightning as L
 import pytest
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from comol import ROOT
 from comol.adapters import adapter_context, adapter_state_dict, inject_adapter
+from comol.adapters.routing_stats import RoutingStats
 from comol.config import compose
 from comol.data.datamodule import collate_left
 from comol.models import load_backbone
@@ -40,6 +43,10 @@ PER_RANK_BATCH, STEPS, SEQ = 2, 3, 12
 #: moves tensors by ~lr = 1e-2, 100x this tolerance.
 ATOL = 1e-4
 AUX_RTOL = 1e-6  # the logged MoLA balancing loss (~20): seen equal to 1e-7 relative
+#: the routing summary of the last step (and the expert loads behind it), rank 0 of 2 vs one process:
+#: seen equal to 5e-7 (the weights differ by rounding only); rank 0's own half of the batch moves
+#: loads by ~1e-2 and the max/min load ratios by far more
+ROUTING_RTOL, ROUTING_ATOL = 1e-4, 1e-5
 
 
 def _rows(n: int, vocab: int) -> list[dict]:
@@ -68,9 +75,23 @@ def _adapted(adapter: dict, **model_kw):
     return model, tok
 
 
-def _fit(adapter: dict, devices: int) -> tuple[dict, float | None]:
+_summary = RoutingStats.summary
+
+
+def _summary_and_loads(self: RoutingStats, per_module: bool = True) -> dict[str, float]:
+    """RoutingStats.summary plus each module's expert loads (``routing/<module>/load/<i>``, and
+    ``gate_mass/<i>`` for top-k routers), read from the same accumulators once they are summed over ranks."""
+    out = _summary(self, per_module)
+    for module, kinds in self.loads().items():
+        for kind, values in kinds.items():
+            out.update({f"routing/{module}/{kind}/{i}": v for i, v in enumerate(values)})
+    return out
+
+
+def _fit(adapter: dict, devices: int) -> tuple[dict, float | None, dict[str, float]]:
     """Train STEPS steps on `devices` CPU processes (trainer=ddp_cpu, forked) with a global batch of
-    2 x PER_RANK_BATCH rows; return rank 0's adapter tensors and its aux loss of the last step."""
+    2 x PER_RANK_BATCH rows; return rank 0's adapter tensors, its aux loss of the last step and its
+    routing summary of the last step (with the expert loads, see _summary_and_loads)."""
     torch.manual_seed(0)
     model, tok = _adapted(adapter)
     lit = AdapterLM(model, {"lr": 1e-2, "warmup_steps": 0}, aux_loss_coeff=adapter.get("aux_loss_coeff", 0.0),
@@ -82,17 +103,19 @@ def _fit(adapter: dict, devices: int) -> tuple[dict, float | None]:
     strategy = instantiate(cfg.trainer.strategy, start_method="fork") if devices > 1 else "auto"
     trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "strategy"}
     trainer = instantiate(trainer_cfg, strategy=strategy, logger=False, limit_val_batches=0)
-    trainer.fit(lit, datamodule=data)
+    with mock.patch.object(RoutingStats, "summary", _summary_and_loads):  # the forked ranks inherit it
+        trainer.fit(lit, datamodule=data)
     # ddp_fork: Lightning loads rank 0's final weights and callback metrics back into this process
     aux = trainer.callback_metrics.get("train/aux_loss")
-    return adapter_state_dict(model), None if aux is None else float(aux)
+    routing = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("routing/")}
+    return adapter_state_dict(model), None if aux is None else float(aux), routing
 
 
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
 def test_two_process_ddp_equals_one_process_with_doubled_batch(name):
     adapter = ADAPTERS[name]
-    one, aux_one = _fit(adapter, devices=1)
-    two, aux_two = _fit(adapter, devices=2)
+    one, aux_one, routing_one = _fit(adapter, devices=1)
+    two, aux_two, routing_two = _fit(adapter, devices=2)
     torch.manual_seed(0)
     start, _ = _adapted(adapter)
     initial = adapter_state_dict(start)
@@ -107,6 +130,11 @@ def test_two_process_ddp_equals_one_process_with_doubled_batch(name):
     if name == "mola":  # the load-balancing loss of the global batch, on every rank
         assert aux_one is not None and aux_two is not None
         assert aux_two == pytest.approx(aux_one, rel=AUX_RTOL)
+    # rank 0 logs the routing summary of the global batch: the accumulators were summed over both ranks
+    assert set(routing_two) == set(routing_one)
+    assert "routing/mean_entropy" in routing_one and any(k.endswith("/entropy") for k in routing_one)
+    assert any("/load/" in k for k in routing_one)
+    assert routing_two == pytest.approx(routing_one, rel=ROUTING_RTOL, abs=ROUTING_ATOL)
 
 
 class _NoDist:
@@ -127,16 +155,31 @@ def test_negative_controls_rank_local_statistics_break_the_equality(monkeypatch)
     import comol.adapters.flylora as flylora
     import comol.adapters.routing as routing
 
-    one, _ = _fit(ADAPTERS["flylora"], devices=1)
+    one, _, _ = _fit(ADAPTERS["flylora"], devices=1)
     monkeypatch.setattr(flylora, "dist", _NoDist)
-    two, _ = _fit(ADAPTERS["flylora"], devices=2)
+    two, _, _ = _fit(ADAPTERS["flylora"], devices=2)
     biases = [k for k in one if k.endswith("adapter_router_bias")]
     assert max(float((two[k] - one[k]).abs().max()) for k in biases) > 100 * ATOL
 
-    _, aux_one = _fit(ADAPTERS["mola"], devices=1)
+    _, aux_one, _ = _fit(ADAPTERS["mola"], devices=1)
     monkeypatch.setattr(routing, "training_world_size", lambda: 1)
-    _, aux_two = _fit(ADAPTERS["mola"], devices=2)
+    _, aux_two, _ = _fit(ADAPTERS["mola"], devices=2)
     assert abs(aux_two - aux_one) > 1e3 * AUX_RTOL * abs(aux_one)
+
+
+@pytest.mark.parametrize("name", ["comol", "mola"])
+def test_negative_control_rank_local_routing_statistics_differ(name, monkeypatch):
+    """Without RoutingStats._all_reduce rank 0 summarises its own half of each global batch: its expert
+    loads and entropies are not the one-process ones, so the routing comparison above can fail.
+    CoMoL: soft gates (loads are gate means); MoLA: top-k selection (loads are selection shares)."""
+    _, _, one = _fit(ADAPTERS[name], devices=1)
+    monkeypatch.setattr(RoutingStats, "_all_reduce", lambda self: None)  # the forked ranks inherit it
+    _, _, local = _fit(ADAPTERS[name], devices=2)
+    assert set(local) == set(one)
+    assert local != pytest.approx(one, rel=ROUTING_RTOL, abs=ROUTING_ATOL)
+    for kind in ("/load/", "/entropy"):  # seen: loads by 0.03 (CoMoL) / 0.11 (MoLA), entropies by 7e-3 / 9e-3
+        keys = [k for k in one if kind in k]
+        assert keys and max(abs(local[k] - one[k]) for k in keys) > 100 * ROUTING_ATOL, kind
 
 
 class _FakeTrainer:

@@ -21,6 +21,7 @@ from comol.config import compose
 from comol.errors import ConfigError
 from comol.pipeline import run
 from comol.training.checkpointing import RunInterrupted, checkpoint_path
+from comol.training.resume import continue_csv
 
 # micro backbone, adapter dropout on (RNG must be restored), 3 batches per epoch (epoch boundaries at 3, 6, 9)
 SHORT = ["model.arch.hidden_size=64", "model.arch.num_layers=2", "model.arch.head_dim=16", "model.arch.intermediate_size=128",
@@ -59,6 +60,28 @@ def interrupt_when_checkpointed(out: Path, signum: int) -> threading.Thread:
     return t
 
 
+#: a run in a child process that SIGKILLs itself in the middle of optimizer step argv[1], after its forward:
+#: no signal handler, no checkpoint at the kill, no logger finalize, no `finally` (what the OOM killer or a
+#: node failure does); argv[2:] are the config overrides
+HARD_KILL = """
+import os, signal, sys
+from comol.config import compose
+from comol.models.lit_module import AdapterLM
+from comol.pipeline import run
+
+kill_at, step = int(sys.argv[1]), AdapterLM.training_step
+
+def training_step(self, batch, batch_idx):
+    loss = step(self, batch, batch_idx)
+    if self.trainer.global_step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return loss
+
+AdapterLM.training_step = training_step
+run(compose(sys.argv[2:]))
+"""
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("whole")
@@ -89,6 +112,34 @@ def test_sigterm_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
 
 
 @pytest.mark.slow
+def test_hard_kill_then_resume_from_periodic_checkpoint_equals_uninterrupted_run(uninterrupted, tmp_path):
+    """SIGKILL in the middle of step 6: nothing is saved at the kill; resume=true continues from the step-4
+    periodic checkpoint. Lightning writes each row to metrics.csv as it is logged, so the killed run's file
+    holds rows logged after that checkpoint (train/loss of steps 4 and 5, val/loss of step 5): the resumed
+    run drops them and logs those steps again, once."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", HARD_KILL, "6", *SHORT, "logger=csv", f"paths.output_dir={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert torch.load(checkpoint_path(out), weights_only=False)["global_step"] == 4
+    assert not (out / "adapter").exists() and not (out / "results.json").exists()
+    killed = csv_rows(out)   # rows past the checkpoint are on disk: the resume has to drop them
+    assert [s for s, _ in losses(killed)] == list(range(6))
+    assert [s for s, _ in losses(killed, "val/loss")] == [2, 5]
+
+    results = run(cfg_for(out, "logger=csv", "resume=true"))
+    assert results["train/steps"] == 12 and results["train/resumed_from_step"] == 4
+    whole, cut = adapter_tensors(uninterrupted), adapter_tensors(out)
+    assert whole.keys() == cut.keys() and len(whole) > 0
+    for name in whole:
+        assert torch.equal(whole[name], cut[name]), name   # bitwise
+    rows, ref = csv_rows(out), csv_rows(uninterrupted)
+    assert [s for s, _ in losses(rows)] == list(range(12)) and losses(rows) == losses(ref)
+    assert losses(rows, "val/loss") == losses(ref, "val/loss")
+
+
+@pytest.mark.slow
 def test_resume_refuses_other_config_and_allows_resume_safe_keys(tmp_path):
     out = tmp_path / "run"
     interrupt_when_checkpointed(out, signal.SIGINT)
@@ -102,6 +153,47 @@ def test_resume_refuses_other_config_and_allows_resume_safe_keys(tmp_path):
     results = run(cfg_for(out, "logger=csv", "resume=true", "checkpoint.every_n_steps=0"))
     assert results["train/steps"] == 12
     assert run(cfg_for(out, "logger=none", "resume=true")) == results
+
+
+def _csv_steps(path: Path) -> list[int]:
+    return [int(r["step"]) for r in csv.DictReader(open(path, newline=""))]
+
+
+def _metrics_lines(steps, torn: str = "") -> str:
+    """metrics.csv as Lightning's CSV writer leaves it (sorted header, \\r\\n), plus a last row cut short."""
+    rows = [f"{s // 3},{s / 1000},{s},{6 - s / 10}," for s in steps]
+    return "\r\n".join(["epoch,lr,step,train/loss,val/loss", *rows]) + "\r\n" + torn
+
+
+def test_continue_csv_drops_rows_after_the_checkpoint_and_a_row_cut_short_by_a_kill(tmp_path):
+    """A hard kill can land while a row is being written: that last line (no line end) is dropped, even
+    when what was written of it parses as an earlier step (here "1" of step 10's row)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    lg = CSVLogger(tmp_path, name="csv", version=0)
+    path = Path(lg.log_dir) / "metrics.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text(_metrics_lines(range(10), torn="3,0.01,1"), newline="")
+    continue_csv([lg], {"global_step": 8})
+    assert _csv_steps(path) == list(range(8))
+    lg.log_metrics({"train/loss": 5.2}, step=8)   # the resumed run appends to it
+    lg.save()
+    assert _csv_steps(path) == list(range(9))
+    assert not any(p.name.startswith(".") for p in path.parent.iterdir())
+
+
+def test_continue_csv_recovers_the_rows_a_killed_resume_left_aside(tmp_path):
+    """A resume killed after moving metrics.csv aside and before writing its trimmed copy: the next resume
+    takes the rows from the file left aside."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    lg = CSVLogger(tmp_path, name="csv", version=0)
+    path = Path(lg.log_dir) / "metrics.csv"
+    path.parent.mkdir(parents=True)
+    path.with_name(".metrics.csv.pre-resume").write_text(_metrics_lines(range(6)), newline="")
+    continue_csv([lg], {"global_step": 4})
+    assert _csv_steps(path) == list(range(4))
+    assert not path.with_name(".metrics.csv.pre-resume").exists()
 
 
 def test_resume_without_checkpoint_is_one_line_error(tmp_path):

@@ -10,6 +10,7 @@ import csv
 import io
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -90,26 +91,35 @@ def logger_resume_kwargs(state: dict) -> dict[str, dict]:
 def continue_csv(loggers: list, state: dict) -> None:
     """Let a resumed run's CSVLogger append to its metrics.csv instead of replacing it (Lightning deletes an
     existing file when its writer starts), minus the rows logged after the checkpoint: the resumed run logs
-    those steps again. The old file is kept aside until the trimmed copy is in place."""
+    those steps again. After a hard kill that is every row since the checkpoint (Lightning writes each row
+    as it is logged), the last one possibly cut short (no line end): it is dropped too. The old file is kept
+    aside until the trimmed copy is in place; a resume killed in between finds it there the next time."""
     for lg in loggers:
         if lg.__class__.__name__ != "CSVLogger":
             continue
         path = Path(lg.log_dir) / "metrics.csv"
-        if not path.is_file():
-            continue
         aside = path.with_name(".metrics.csv.pre-resume")
-        os.replace(path, aside)
-        writer = lg.experiment   # starts the writer: nothing left for it to delete
-        rows = list(csv.DictReader(io.StringIO(aside.read_text())))
-        header = list(csv.DictReader(io.StringIO(aside.read_text())).fieldnames or [])
+        if path.is_file():
+            os.replace(path, aside)
+        elif not aside.is_file():
+            continue
+        with warnings.catch_warnings():   # "previous log files ... will be deleted": none is, it was moved aside
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+            writer = lg.experiment   # starts the writer: nothing left for it to delete
+        text = aside.read_text()
+        if not text.endswith("\n"):   # killed while writing its last row
+            text = text[:text.rfind("\n") + 1]
+        reader = csv.DictReader(io.StringIO(text))
+        rows, header = list(reader), list(reader.fieldnames or [])
         # the row of the batch that ended at optimizer step g carries step g-1; the checkpoint is at step G
         cut = int(state["global_step"])
         kept = [r for r in rows if r.get("step") in (None, "") or int(float(r["step"])) < cut]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
-        w.writeheader()
-        w.writerows(kept)
-        atomic_write_text(path, buf.getvalue())
-        writer.metrics_keys = list(header)
+        if header:
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
+            w.writeheader()
+            w.writerows(kept)
+            atomic_write_text(path, buf.getvalue())
+            writer.metrics_keys = list(header)
         aside.unlink()
         log.info("resume: %s keeps %d of %d rows (steps < %d)", path, len(kept), len(rows), cut)
