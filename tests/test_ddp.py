@@ -293,5 +293,7 @@ def test_run_py_ddp_cpu_shares_one_run_dir_and_rank_zero_writes_once(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == 2 and "eval/math/toy_math/acc" in results
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    # the checkpoint save is collective: rank 0 writes it, no rank leaves a temporary file
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.ckpt"]
     assert len((run_dir / "predictions" / "toy_math.jsonl").read_text().splitlines()) == 2
     assert proc.stdout.count("results (") == 2  # both ranks finished; only rank 0 evaluated

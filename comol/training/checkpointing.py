@@ -164,10 +164,12 @@ class RunCheckpoint(L.Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{LAST}.{os.getpid()}.tmp")
         try:
+            # collective under DDP (every rank calls it); only global rank 0 writes the file
             trainer.save_checkpoint(tmp, weights_only=False)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            if trainer.is_global_zero:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
         self._last_saved = trainer.global_step
