@@ -366,12 +366,7 @@ def _run_split(cfg: dict, split: dict, token_fd: int, result_fd: int, write, exi
         except BaseException:
             pass
         finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except BaseException:
-                    pass
-            exit_now(status)
+            _flush_and_exit(exit_now, status)
     cfg.pop("program")
     os.close(requests_r)
     os.close(replies_w)
@@ -440,12 +435,17 @@ def main() -> None:
     except BaseException:
         pass
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:
-                pass
-        exit_now(status)
+        _flush_and_exit(exit_now, status)
+
+
+def _flush_and_exit(exit_now, status: int) -> None:
+    """Flush what the program printed, then leave at once (no atexit, no finalizers of the program)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    exit_now(status)
 
 
 if __name__ == "__main__":
