@@ -282,3 +282,10 @@ def test_report_attributes_results_by_the_jobs_own_claim(tmp_path):
     recs = {r.dir.name: r for r in load_jobs(sweep) if r.dir}
     assert recs[dirs[0].name].overrides == own and recs[dirs[0].name].num == 0
     assert sum(r.status == "missing" for r in load_jobs(sweep)) == 0
+
+
+def test_params_column_reads_zero_for_the_untrained_base_row():
+    from comol.tools.report import fmt_params
+
+    assert fmt_params([0]) == "0" and fmt_params([12_345]) == "12.3K" and fmt_params([2_856_960]) == "2.86M"
+    assert fmt_params([0, 2_856_960]) == "0–2.86M" and fmt_params([]) == "–"

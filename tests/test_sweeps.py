@@ -224,6 +224,7 @@ def test_expansion_equals_hydras_basic_sweeper(params, task):
     assert expand_overrides(params, task) == hydras and len(hydras) > 1
 
 
+@pytest.mark.slow   # composes every job of every paper sweep twice (~35 s)
 @pytest.mark.parametrize("sweep", [s for s in available_sweeps() if not s.endswith("_tiny") and not s.startswith("real_")])
 def test_tiny_twin_has_the_same_jobs_on_a_tiny_backbone(sweep):
     _, paper = expand(sweep)

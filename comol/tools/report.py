@@ -365,7 +365,7 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 def fmt_params(values: list[int]) -> str:
     if not values:
         return "–"
-    f = lambda n: f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"  # noqa: E731
+    f = lambda n: f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K" if n else "0"  # noqa: E731  (0: base model)
     return f(values[0]) if len(values) == 1 else f"{f(values[0])}–{f(values[-1])}"
 
 
