@@ -9,3 +9,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 #: Repository root (the folder holding run.py and data/) when comol runs from a checkout.
 ROOT = PACKAGE_DIR.parent
 CONF_DIR = PACKAGE_DIR / "conf"
+
+
+def in_checkout(root: Path = ROOT) -> bool:
+    """True when comol runs from a git checkout (run.py and data/ beside the package), not a wheel."""
+    return (root / "run.py").is_file()

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from comol import CONF_DIR, ROOT
+from comol import CONF_DIR, ROOT, in_checkout
 from comol.errors import ConfigError
 from comol.eval.eval_files import default_data_dir
 
@@ -16,7 +16,7 @@ from comol.eval.eval_files import default_data_dir
 def project_root() -> str:
     """Where runs write ``outputs/``: the checkout (the folder holding run.py), else the working dir
     (an installed wheel must not write into site-packages)."""
-    return str(ROOT if (ROOT / "run.py").is_file() else Path.cwd())
+    return str(ROOT if in_checkout() else Path.cwd())
 
 
 def register_resolvers() -> None:

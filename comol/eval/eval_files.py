@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from comol import ROOT
+from comol import ROOT, in_checkout
 from comol.data.loading import check_rows, read_json_rows
 from comol.errors import DataError
 
@@ -38,7 +38,7 @@ def default_data_dir() -> Path:
     if env:
         return Path(env).expanduser()
     # a checkout (run.py beside data/); an installed wheel has no data/: ./data of the working dir
-    return BUNDLED_DATA_DIR if (ROOT / "run.py").is_file() else Path.cwd() / "data"
+    return BUNDLED_DATA_DIR if in_checkout(ROOT) else Path.cwd() / "data"
 
 
 def require_data_dir() -> Path:
