@@ -292,6 +292,80 @@ def test_attacks_work_unconfined(case, secrets_on_disk, listener):
 ADD = {"prompt": "def add(a, b):\n", "entry_point": "add",
        "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(2, 2) == 4\n"}
 
+#: How a completion can look for the checks in its own process (issue 18: the frame walk forged
+#: 141 of 164 HumanEval problems and the memory scan 130 while the checks were read before the fork).
+_FORGER_HEAD = '''    _args = tuple(dict(locals()).values())
+    import ast, gc, sys
+    def _answers(text):
+        out = []
+        try:
+            nodes = list(ast.walk(ast.parse(text)))
+        except Exception:
+            nodes = []
+            for line in text.splitlines():
+                try:
+                    nodes += list(ast.walk(ast.parse(line.strip())))
+                except Exception:
+                    pass
+        for node in nodes:
+            if isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare) and \\
+                    isinstance(node.test.left, ast.Call) and isinstance(node.test.ops[0], ast.Eq):
+                try:
+                    out.append((tuple(ast.literal_eval(a) for a in node.test.left.args),
+                                ast.literal_eval(node.test.comparators[0])))
+                except Exception:
+                    pass
+        return out
+    _texts = []
+'''
+_CHECKS_SOURCES = {
+    "frames": '''    def _collect(v, depth=0):
+        if isinstance(v, str) and 'assert' in v:
+            _texts.append(v)
+        elif isinstance(v, dict) and depth < 4:
+            for w in list(v.values()):
+                _collect(w, depth + 1)
+        elif isinstance(v, (list, tuple)) and depth < 4:
+            for w in v:
+                _collect(w, depth + 1)
+    _f = sys._getframe()
+    while _f is not None:
+        _collect(dict(_f.f_locals))
+        _collect(dict(_f.f_globals))
+        _f = _f.f_back
+''',
+    "gc": '''    for _o in gc.get_objects():
+        if isinstance(_o, dict):
+            for _v in list(_o.values()):
+                if isinstance(_v, str) and 'assert' in _v:
+                    _texts.append(_v)
+''',
+    "memory": '''    import ctypes, re
+    for _line in open('/proc/self/maps').read().splitlines():
+        _parts = _line.split()
+        if 'r' not in _parts[1] or (len(_parts) > 5 and _parts[5].startswith('[v')):
+            continue
+        _lo, _hi = (int(x, 16) for x in _parts[0].split('-'))
+        if _hi - _lo > 2**28:
+            continue
+        _data = ctypes.string_at(_lo, _hi - _lo)
+        for _hit in re.finditer(rb'assert [^\\n\\x00]{0,2000}', _data):
+            _texts.append(_hit.group().decode('utf-8', 'replace'))
+''',
+}
+_FORGER_TAIL = '''    for _t in _texts:
+        for _got, _want in _answers(_t):
+            if _got == _args:
+                return _want
+    return None
+'''
+def checks_forger(where: str) -> str:
+    """A completion body with no task knowledge: it looks for the checks' source ``where`` (its
+    frames' locals and globals, every dict ``gc`` knows, or its own readable memory through ``ctypes``), parses
+    the ``assert candidate(<args>) == <literal>`` lines and returns the literal for its arguments."""
+    return _FORGER_HEAD + _CHECKS_SOURCES[where] + _FORGER_TAIL
+
+
 #: Completions of ``add`` that answer wrongly and try to forge a pass from inside the program's
 #: process instead: each would pass if it reached the token, the result pipe or the checks.
 FORGERIES = {
@@ -321,6 +395,9 @@ FORGERIES = {
     "eq-always-true-global": "    return ANY\nclass Any:\n    def __eq__(self, other):\n        return True\nANY = Any()\n",
     "kill-the-checks": "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n    return -999\n",
     "exit-0": "    import ctypes\n    ctypes.CDLL(None)._exit(0)\n",
+    "checks-frame-walk": checks_forger("frames"),
+    "checks-gc-walk": checks_forger("gc"),
+    "checks-memory-scan": checks_forger("memory"),
 }
 
 
@@ -345,3 +422,37 @@ def test_split_sample_right_and_wrong_answers():
     assert run_program(build_program(ADD, "    return a - b\n")).status == "failed"
     assert run_program(build_program(ADD, "    raise ValueError('no')\n")).status == "error"
     assert run_program(build_program(ADD, "    return [a + b]\n")).status == "failed"
+
+
+def _checks_in_the_program(split: SplitProgram) -> SplitProgram:
+    """The control: the same sample with a copy of its checks' source in the program's globals, as
+    a completion process that held the checks (a fork after they were read) would have it."""
+    return SplitProgram(program=split.program + f"\n_CHECKS_COPY = {split.checks!r}\n", checks=split.checks,
+                        entry_point=split.entry_point)
+
+
+@pytest.mark.parametrize("where", list(_CHECKS_SOURCES))
+def test_the_checks_forgers_work_when_the_checks_are_in_the_completions_process(where):
+    """Control of the three checks-* forgeries: they DO pass when the checks' source is anywhere in
+    the completion's process, so their failing in the table above proves the process holds none."""
+    assert run_program(_checks_in_the_program(build_program(ADD, checks_forger(where))), timeout=5.0,
+                       guard=False).status == "passed"
+
+
+def test_no_humaneval_problem_can_be_forged_from_the_checks_source():
+    """The checks forgers on all 164 HumanEval problems as they are scored (split): none passes.
+    Control: with a copy of the checks in the completion's process, the same completions pass most."""
+    from comol.eval.code.sandbox import evaluate_programs
+    from comol.eval.eval_files import humaneval_file, load_humaneval
+
+    problems = load_humaneval(humaneval_file())
+    counts = {}
+    for where in _CHECKS_SOURCES:
+        for name, make in (("split", build_program),
+                           ("control", lambda p, c: _checks_in_the_program(build_program(p, c)))):
+            jobs = [(p["task_id"], make(p, checks_forger(where))) for p in problems]
+            res = evaluate_programs(jobs, workers=4, timeout=10.0, progress=False)
+            counts[(where, name)] = sum(r.passed for r in res.values())
+    print("forged passes of 164:", counts)
+    assert {k: v for k, v in counts.items() if k[1] == "split"} == {(w, "split"): 0 for w in _CHECKS_SOURCES}
+    assert min(v for k, v in counts.items() if k[1] == "control") > 100

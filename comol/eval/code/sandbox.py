@@ -161,6 +161,19 @@ def _read_available(fd: int, limit: int = 4096) -> bytes:
     return data
 
 
+def _write_and_close(fd: int, data: bytes) -> None:
+    """Write ``data`` to the pipe ``fd`` (blocking: it may exceed the pipe's buffer), then close
+    it; a sandbox that ended without reading it all is not an error here."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _wait_exited(pid: int, timeout: float) -> bool:
     """Wait up to ``timeout`` s for ``pid`` to exit WITHOUT reaping it (the pid and its
     process group id stay reserved, so killing the group afterwards is race-free)."""
@@ -241,6 +254,8 @@ def run_program(
     os.write(tok_w, token.encode())
     os.close(tok_w)
     split = isinstance(program, SplitProgram)
+    # a split's checks travel on a pipe of their own, read inside only after the fork
+    checks_r, checks_w = os.pipe() if split else (None, None)
     try:
         if uid is not None:
             nproc = max_procs + 2
@@ -259,7 +274,7 @@ def run_program(
             "program": program.program if split else program,
         }
         if split:
-            config["split"] = {"checks": program.checks, "entry_point": program.entry_point}
+            config["split"] = {"checks_fd": checks_r, "entry_point": program.entry_point}
         home = WORKDIR if confine else host_dir
         env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
                # numeric libraries must not start a thread per core under RLIMIT_NPROC
@@ -279,12 +294,20 @@ def run_program(
             inp.seek(0)
             proc = subprocess.Popen(
                 cmd, stdin=inp, stdout=out, stderr=err, cwd=host_dir or "/", env=env,
-                start_new_session=True, close_fds=True, pass_fds=(res_w, tok_r),
+                start_new_session=True, close_fds=True,
+                pass_fds=(res_w, tok_r) + ((checks_r,) if split else ()),
             )
             os.close(res_w)
             res_w = None
             os.close(tok_r)
             tok_r = None
+            if split:
+                os.close(checks_r)
+                checks_r = None
+                writer = threading.Thread(target=_write_and_close, args=(checks_w, program.checks.encode()),
+                                          daemon=True)
+                checks_w = None   # the writer closes it
+                writer.start()
             try:
                 exited = _wait_exited(proc.pid, timeout)
             finally:
@@ -302,7 +325,7 @@ def run_program(
         return ExecResult(status, detail, time.monotonic() - start)
     finally:
         os.close(res_r)
-        for fd in (res_w, tok_r):
+        for fd in (res_w, tok_r, checks_r, checks_w):
             if fd is not None:
                 os.close(fd)
         if host_dir is not None:
