@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
+import struct
 import secrets
 import shutil
 import socket
@@ -21,7 +23,8 @@ import pytest
 
 pytestmark = pytest.mark.slow  # ~90 sandboxed runs: the full table runs in CI (-m slow)
 
-from comol.eval.code.confinement import LAUNCHER, interpreter_paths
+from comol.eval.code import confinement
+from comol.eval.code.confinement import LAUNCHER, SECCOMP_ARCHES, interpreter_paths
 from comol.eval.code.humaneval import build_program, whole_program
 from comol.eval.code.sandbox import SplitProgram, describe_sandbox, run_program
 
@@ -41,6 +44,7 @@ def _try(attack: str) -> str:
 
 
 LIBC = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+CLONE_NR = SECCOMP_ARCHES.get(platform.machine(), (0, {"clone": -1}))[1]["clone"]
 
 #: id -> program template; fields: {marker} (unique per run), {repo}, {home}, {secret_dir},
 #: {secret_name}, {port}, {pid} (the evaluator's pid). Attacks that "succeed" only inside the
@@ -82,6 +86,18 @@ CASES = {
     "kill-parent": _try("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nok = True"),
     "ctypes-kill-evaluator": _try(LIBC + "ok = libc.kill({pid}, 9) == 0"),
     "ctypes-kill-all": _try(LIBC + "ok = libc.kill(-1, 9) == 0"),
+    # ---- capabilities back through a nested user namespace (then mount a tmpfs)
+    "nested-userns": _try(LIBC + "ok = libc.unshare(0x10000000) == 0"),
+    "nested-userns-caps": _try(LIBC + "libc.unshare(0x10000000)\n"
+                               "cap = [l for l in open('/proc/self/status') if l.startswith('CapEff')][0]\n"
+                               "ok = int(cap.split()[1], 16) != 0"),
+    "nested-userns-mount": _try(LIBC + "import os\nos.makedirs('/tmp/{marker}', exist_ok=True)\n"
+                                "libc.unshare(0x10000000 | 0x20000)\n"
+                                "ok = libc.mount(b'none', b'/tmp/{marker}', b'tmpfs', 0, None) == 0"),
+    "nested-userns-clone": _try(LIBC + "pid = libc.syscall({clone_nr}, 0x10000000 | 17, 0, 0, 0, 0)\n"
+                                "if pid == 0:\n    libc._exit(0)\nok = pid > 0"),
+    "nested-userns-setns": _try(LIBC + "import os\nfd = os.open('/proc/self/ns/user', os.O_RDONLY)\n"
+                                "ok = libc.setns(fd, 0) == 0"),
     # ---- network
     "socket-connect": _try("import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
                            "ok = True"),
@@ -195,7 +211,7 @@ def test_hostile_completion_is_contained(case, mode, secrets_on_disk, listener):
         pytest.skip("a non-root caller owns the file itself: the case is about dropping root")
     marker = f"comol-hostile-{secrets.token_hex(6)}"
     program = CASES[case].format(marker=marker, repo=REPO, home=HOME, port=listener.getsockname()[1],
-                                 pid=os.getpid(), **secrets_on_disk)
+                                 pid=os.getpid(), clone_nr=CLONE_NR, **secrets_on_disk)
     timeout = SLOW_TIMEOUT.get(case, 5.0)
     start = time.monotonic()
     if mode == "split":
@@ -213,13 +229,14 @@ def test_hostile_completion_is_contained(case, mode, secrets_on_disk, listener):
 
 def test_the_sandbox_is_what_the_docs_say():
     """Seen from inside: own PID, network, IPC, UTS and mount namespaces, no_new_privs, no
-    capabilities, a throw-away uid (root callers), the hostname, and a 16 MiB /tmp and /dev/shm."""
+    capabilities, a seccomp filter, a throw-away uid (root callers), the hostname, and a 16 MiB /tmp and /dev/shm."""
     probe = (
         "import os, sys\n"
         "status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)\n"
         "ns = {n: os.readlink(f'/proc/self/ns/{n}') for n in ('pid', 'net', 'ipc', 'uts', 'mnt')}\n"
         "vfs = {d: os.statvfs(d).f_blocks * os.statvfs(d).f_frsize for d in ('/tmp', '/dev/shm')}\n"
         "print(repr({'ns': ns, 'nnp': status['NoNewPrivs'].strip(), 'cap': status['CapEff'].strip(),\n"
+        "            'seccomp': status['Seccomp'].strip(),\n"
         "            'uid': os.getuid(), 'host': os.uname().nodename, 'size': vfs}), file=sys.stderr)\n"
         "assert False\n"
     )
@@ -231,9 +248,22 @@ def test_the_sandbox_is_what_the_docs_say():
     for name, link in seen["ns"].items():
         assert link != os.readlink(f"/proc/self/ns/{name}"), name    # not the evaluator's namespace
     assert seen["nnp"] == "1" and int(seen["cap"], 16) == 0 and seen["host"] == "sandbox"
+    assert seen["seccomp"] == "2"   # a filter is loaded (SECCOMP_MODE_FILTER)
     assert seen["size"] == {"/tmp": 16 * 2**20, "/dev/shm": 16 * 2**20}
     if ROOT:
         assert seen["uid"] >= 2_000_000_000
+
+
+@pytest.mark.parametrize("case", ["nested-userns", "nested-userns-caps", "nested-userns-mount",
+                                  "nested-userns-clone"])
+def test_nested_user_namespaces_work_without_the_seccomp_filter(case, monkeypatch):
+    """Control of the nested-userns cases: with an allow-everything filter in place of the sandbox's,
+    the same programs DO pass (the kernel lets the throw-away uid create a user namespace, get all
+    capabilities in it and mount a tmpfs), so the filter is what stops them in the table above."""
+    monkeypatch.setattr(confinement, "seccomp_program", lambda machine=None: struct.pack("=HBBI", 0x06, 0, 0, 0x7FFF0000))
+    program = CASES[case].format(marker=f"comol-hostile-{secrets.token_hex(6)}", clone_nr=CLONE_NR)
+    res = run_program(program, timeout=5.0, guard=False)
+    assert res.status == "passed", res
 
 
 def test_the_in_process_guard_refuses_what_the_os_would_allow():
@@ -279,7 +309,7 @@ def test_attacks_work_unconfined(case, secrets_on_disk, listener):
     if not ROOT and case in ("read-etc-shadow", "read-0600-in-0700-dir-mounted"):
         pytest.skip("reading root's files needs a root caller")
     program = CASES[case].format(marker="m", repo=REPO, home=HOME, port=listener.getsockname()[1],
-                                 pid=os.getpid(), **secrets_on_disk)
+                                 pid=os.getpid(), clone_nr=CLONE_NR, **secrets_on_disk)
     res = run_program(program, timeout=5.0, guard=False, confine=False)
     if case == "ctypes-exit-0":
         assert res.status == "error" and "before its checks finished" in res.detail, res

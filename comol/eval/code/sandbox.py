@@ -5,7 +5,8 @@ Layers (docs/evaluation.md, "Executing generated code", states exactly what is c
 1. **OS confinement** (default, :mod:`comol.eval.code.confinement`): bubblewrap gives every
    run its own mount, PID, network, IPC, UTS and cgroup namespaces, a read-only view of only
    the interpreter and system libraries, private size-limited ``/tmp`` and ``/dev/shm``, and
-   an unprivileged uid with no capabilities and ``no_new_privs``. Without a working ``bwrap``
+   an unprivileged uid with no capabilities and ``no_new_privs``, and a seccomp filter that
+   refuses new user namespaces (no way back to capabilities). Without a working ``bwrap``
    execution is refused (:class:`ConfinementUnavailable`) unless the caller passes
    ``confine=False`` (``eval.allow_unconfined=true``), which the runner logs and records.
 2. **Resource limits** set by the launcher: address space, CPU time, file size, processes,
@@ -48,6 +49,7 @@ from comol.eval.code.confinement import (
     confinement_problem,
     find_bwrap,
     require_confinement,
+    seccomp_pipe,
 )
 
 __all__ = ["STATUSES", "ExecResult", "ConfinementUnavailable", "SplitProgram", "run_program",
@@ -256,6 +258,7 @@ def run_program(
     split = isinstance(program, SplitProgram)
     # a split's checks travel on a pipe of their own, read inside only after the fork
     checks_r, checks_w = os.pipe() if split else (None, None)
+    seccomp_fd = None
     try:
         if uid is not None:
             nproc = max_procs + 2
@@ -280,8 +283,9 @@ def run_program(
                # numeric libraries must not start a thread per core under RLIMIT_NPROC
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         if confine:
+            seccomp_fd = seccomp_pipe()
             cmd = bwrap_command(bwrap, python, tmp_bytes=int(max_file_mb) * 2**20,
-                                shm_bytes=int(max_file_mb) * 2**20)
+                                shm_bytes=int(max_file_mb) * 2**20, seccomp_fd=seccomp_fd)
             for key, value in env.items():
                 cmd += ["--setenv", key, value]
             cmd += [python, "-I", "-B", LAUNCHER]
@@ -295,8 +299,11 @@ def run_program(
             proc = subprocess.Popen(
                 cmd, stdin=inp, stdout=out, stderr=err, cwd=host_dir or "/", env=env,
                 start_new_session=True, close_fds=True,
-                pass_fds=(res_w, tok_r) + ((checks_r,) if split else ()),
+                pass_fds=(res_w, tok_r) + ((checks_r,) if split else ()) + ((seccomp_fd,) if confine else ()),
             )
+            if confine:
+                os.close(seccomp_fd)
+                seccomp_fd = None
             os.close(res_w)
             res_w = None
             os.close(tok_r)
@@ -325,7 +332,7 @@ def run_program(
         return ExecResult(status, detail, time.monotonic() - start)
     finally:
         os.close(res_r)
-        for fd in (res_w, tok_r, checks_r, checks_w):
+        for fd in (res_w, tok_r, checks_r, checks_w, seccomp_fd):
             if fd is not None:
                 os.close(fd)
         if host_dir is not None:
