@@ -103,7 +103,8 @@ def seccomp_pipe() -> int:
 def interpreter_paths(python: str) -> list[str]:
     """Folders the interpreter needs, read-only: its prefix(es) (stdlib, site-packages,
     lib-dynload, libpython) plus the installation prefix of the real executable."""
-    if os.path.realpath(python) == os.path.realpath(sys.executable):
+    # not realpath: a venv's python is a symlink to its base interpreter, with another prefix
+    if os.path.abspath(python) == os.path.abspath(sys.executable):
         out = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
                *(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib"))]
     else:
@@ -136,7 +137,12 @@ def bwrap_command(bwrap: str, python: str, *, tmp_bytes: int, shm_bytes: int, se
                 "--cap-add", "CAP_SETPCAP"]
     else:
         cmd += ["--unshare-user", "--disable-userns"]
-    made: set[str] = set()
+    # the private /tmp and /dev/shm first: the binds below land on top of them, so an interpreter
+    # that lives under /tmp (a venv there, a node-local $TMPDIR) stays visible
+    cmd += ["--proc", "/proc", "--dev", "/dev",
+            "--perms", "1777", "--size", str(int(tmp_bytes)), "--tmpfs", WORKDIR,
+            "--perms", "1777", "--size", str(int(shm_bytes)), "--tmpfs", "/dev/shm"]
+    made: set[str] = {WORKDIR, "/dev", "/dev/shm", "/proc"}
 
     def bind(path: str, dest: str | None = None) -> None:
         dest = dest or path
@@ -164,11 +170,7 @@ def bwrap_command(bwrap: str, python: str, *, tmp_bytes: int, shm_bytes: int, se
         if not any(path == b or path.startswith(b + "/") for b in bound):
             bind(path)
     bind(LAUNCHER_SOURCE, LAUNCHER)
-    cmd += ["--proc", "/proc", "--dev", "/dev",
-            "--perms", "1777", "--size", str(int(tmp_bytes)), "--tmpfs", WORKDIR,
-            "--perms", "1777", "--size", str(int(shm_bytes)), "--tmpfs", "/dev/shm",
-            "--remount-ro", "/",
-            "--chdir", WORKDIR, "--clearenv"]
+    cmd += ["--remount-ro", "/", "--chdir", WORKDIR, "--clearenv"]
     return cmd
 
 
@@ -206,8 +208,9 @@ def confinement_problem(python: str | None = None) -> str | None:
                 if seccomp_fd is not None:
                     os.close(seccomp_fd)
             _probe_cache[key] = None if err is None else (
-                f"bubblewrap ({bwrap}) cannot create the sandbox here ({err}); it needs root or "
-                "unprivileged user namespaces")
+                f"bubblewrap ({bwrap}) cannot create the sandbox here: starting {python} in it failed "
+                f"({err}); bwrap needs root or unprivileged user namespaces, and the interpreter "
+                "readable by the sandbox's uid")
         return _probe_cache[key]
 
 
