@@ -18,9 +18,20 @@ from comol.eval.code.sandbox import ExecResult, SplitProgram, describe_sandbox, 
 from comol.eval.eval_files import humaneval_file, load_humaneval, require_data_dir
 
 SANDBOX = describe_sandbox()
-if SANDBOX["problem"]:
-    pytest.fail(f"these tests need OS confinement: {SANDBOX['problem']}", pytrace=False)
 CONFINE = [True, False]  # OS confinement, and the explicit unconfined mode
+#: tests that run no sandbox at all
+NO_SANDBOX = {"test_build_program_layout", "test_bad_arguments", "test_exit_status_classification"}
+
+
+@pytest.fixture(autouse=True)
+def needs_confinement(request):
+    """A machine that cannot confine (no bwrap, no user namespaces, macOS) skips the confined tests
+    one by one, naming why (tests/test_sandbox_unconfined.py::test_bwrap_is_installed fails there);
+    the unconfined variants and the tests that run nothing still run."""
+    callspec = getattr(request.node, "callspec", None)
+    unconfined = callspec is not None and callspec.params.get("confine") is False
+    if SANDBOX["problem"] and not unconfined and request.node.originalname not in NO_SANDBOX:
+        pytest.skip(f"needs OS confinement, unavailable here: {SANDBOX['problem']}")
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,14 @@ from comol.eval.code.humaneval import build_program, whole_program
 from comol.eval.code.sandbox import SplitProgram, describe_sandbox, run_program
 
 SANDBOX = describe_sandbox()
-if SANDBOX["problem"]:
-    pytest.fail(f"the hostile-completion tests need OS confinement: {SANDBOX['problem']}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def needs_confinement(request):
+    """A machine that cannot confine skips these one by one, naming why (the unconfined controls
+    still run); tests/test_sandbox_unconfined.py::test_bwrap_is_installed fails there."""
+    if SANDBOX["problem"] and request.node.originalname != "test_attacks_work_unconfined":
+        pytest.skip(f"needs OS confinement, unavailable here: {SANDBOX['problem']}")
 
 REPO = Path(__file__).resolve().parents[1]
 HOME = Path(os.path.expanduser("~"))
