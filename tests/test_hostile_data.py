@@ -4,9 +4,13 @@ and the field, before any backbone is built; a huge row is cut to a character bo
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+from comol import ROOT
 from comol.config import compose
 from comol.data import SFTDataModule, encode_example
 from comol.data.clip import char_bound, clip_row, longest_token_chars
@@ -152,3 +156,14 @@ def test_input_all_blank_beyond_the_bound_keeps_its_prompt_form():
     tok = offline_tokenizer()
     row = {**GOOD, "input": " " * 100_000 + "use integers"}
     assert encode_example(row, tok, 32)["input_ids"] == encode_example({**GOOD, "input": "use integers"}, tok, 32)["input_ids"]
+
+
+@pytest.mark.slow
+def test_hostile_file_on_the_command_line_is_one_error_line(tmp_path):
+    bad = tmp_path / "t.json"
+    bad.write_text(json.dumps([GOOD, {**GOOD, "input": [1, 2]}]))
+    proc = subprocess.run([sys.executable, "run.py", "dataset=math14k", "eval=none", "logger=none",
+                           f"dataset.train={bad}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}: row 1 field 'input' is a list, expected a string or null"

@@ -8,9 +8,11 @@ import json
 import logging
 import socket
 import subprocess
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import datasets
 import pytest
 from omegaconf import OmegaConf
 
@@ -103,8 +105,6 @@ def leftovers(cache) -> list[str]:
 
 def test_git_blob_id_matches_git():
     for data in (b"", b"x", BODY, bytes(range(256)) * 1000):
-        import tempfile
-
         with tempfile.NamedTemporaryFile() as f:
             f.write(data)
             f.flush()
@@ -217,3 +217,19 @@ def test_rows_equal_to_validation_rows_are_dropped_and_counted(tmp_path, data_di
     with pytest.raises(DataError, match="every one of the 3 training rows is also a validation row"):
         path.write_text(json.dumps(val[:3]))
         dataset_splits(ds)
+
+
+def test_hub_dataset_offline_gives_one_sentence(monkeypatch):
+    """codealpaca20k's default is a hub id read through ``datasets`` (its own cache); offline it says what to do."""
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'sahil2801/CodeAlpaca-20k' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.delenv("COMOL_CODEALPACA20K", raising=False)
+    ds = OmegaConf.to_container(compose(["dataset=codealpaca20k"]).dataset, resolve=True)
+    with pytest.raises(DataError) as err:
+        dataset_splits(ds)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("dataset 'sahil2801/CodeAlpaca-20k' (split 'train') could not be loaded")
+    assert "https://huggingface.co/datasets/sahil2801/CodeAlpaca-20k" in msg and "dataset.train=<file>" in msg
+    assert "COMOL_CODEALPACA20K=<file>" in msg

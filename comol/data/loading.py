@@ -175,8 +175,10 @@ def load_rows(source: str, split: str = "train", required: Sequence[str] = ("ins
         ds = datasets.load_dataset(source, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises many types for "not found/offline"
         raise DataError(
-            f"dataset {source!r} (split {split!r}) could not be loaded: {type(e).__name__}: {str(e).splitlines()[0][:200]}. "
-            f"Give a local .json/.jsonl file instead"
+            f"dataset {source!r} (split {split!r}) could not be loaded: {type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0][:200]}; offline, download https://huggingface.co/datasets/{source} on a "
+            f"machine with internet and give its .json/.jsonl file as dataset.train=<file> (or the preset's env var, "
+            f"e.g. COMOL_CODEALPACA20K=<file>)"
         ) from None
     if len(ds) == 0:
         raise DataError(f"dataset {source!r} (split {split!r}) holds no rows")
