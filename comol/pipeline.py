@@ -24,8 +24,8 @@ from comol.io_utils import atomic_write_json, atomic_write_text, nonfinite_keys,
 from comol.models import load_backbone
 from comol.models.best_adapter import BestAdapterKeeper
 from comol.models.lit_module import AdapterLM
-from comol.models.wandb_logger import log_job_outputs
 from comol.models.progress import ProgressLog, StepProgressBar, on_terminal, quiet_libraries
+from comol.models.wandb_logger import log_job_outputs
 from comol.preflight import preflight
 from comol.run_dir import claim_run_dir
 from comol.training.checkpointing import RunCheckpoint, auto_every_n_steps, checkpoint_path
