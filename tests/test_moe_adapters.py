@@ -507,8 +507,9 @@ def test_aux_loss_gradients_survive_gradient_checkpointing():
         if checkpointing:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lit = AdapterLM(m, {"lr": 1e-3}, aux_loss_coeff=0.5)
-        out = lit(batch)
-        (out.loss + 0.5 * aux_loss(m)).backward()
+        out = lit(batch)  # out.loss = LM loss + 0.5 x aux: the objective is the model's
+        torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * aux_loss(m))
+        out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:

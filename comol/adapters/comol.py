@@ -39,14 +39,15 @@ class CoMoLConfig(LowRankConfig):
 
     token_routed = True
 
-    num_experts: int = field(metadata={"help": "number N of r x r core experts"})
+    r: int = field(default=16, metadata={"help": "rank r of the shared A/B and of the r x r cores"})
+    num_experts: int = field(default=8, metadata={"help": "number N of r x r core experts"})
     core_router: bool = field(
-        metadata={"help": "route on z = A·Drop(x) (True, CoMoL) or on x (False, 'CoMoL w/o CR')"}
+        default=True, metadata={"help": "route on z = A·Drop(x) (True, CoMoL) or on x (False, 'CoMoL w/o CR')"}
     )
     core_dropout: float = field(
-        metadata={"help": "extra element-wise dropout on each token's merged r x r core (official code)"}
+        default=0.0, metadata={"help": "extra element-wise dropout on each token's merged r x r core (official code)"}
     )
-    mixing: str = field(metadata={"help": "auto | output | merged (see module docstring)"})
+    mixing: str = field(default="auto", metadata={"help": "auto | output | merged (see module docstring)"})
 
     def validate(self) -> None:
         config_check(isinstance(self.num_experts, int) and self.num_experts >= 1,

@@ -29,7 +29,7 @@ class HydraLoraConfig(LowRankConfig):
 
     token_routed = True
 
-    num_experts: int = field(metadata={"help": "number N of B heads"})
+    num_experts: int = field(default=8, metadata={"help": "number N of B heads"})
 
     def validate(self) -> None:
         config_check(isinstance(self.num_experts, int) and self.num_experts >= 1,

@@ -36,7 +36,7 @@ class MoLoRAConfig(LowRankConfig):
 
     token_routed = True
 
-    num_experts: int = field(metadata={"help": "number N of LoRA experts"})
+    num_experts: int = field(default=8, metadata={"help": "number N of LoRA experts"})
 
     def validate(self) -> None:
         config_check(isinstance(self.num_experts, int) and self.num_experts >= 1,
