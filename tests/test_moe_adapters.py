@@ -17,7 +17,7 @@ from conftest import fresh_micro_model
 from comol.adapters import adapter_context, build_adapter_config, inject_adapter
 from comol.adapters.base import AdapterLinear, aux_loss
 from comol.adapters.merge import merge_adapter, unmerge_adapter
-from comol.adapters.routing import load_balancing_loss
+from comol.adapters.gating import load_balancing_loss
 from comol.data import collate_left, encode_example, generate_toy_math
 from comol.errors import ComolError, ConfigError
 from comol.models.lit_module import AdapterLM

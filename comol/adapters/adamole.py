@@ -25,7 +25,7 @@ from torch import nn
 
 from comol.adapters.base import register_adapter
 from comol.adapters.molora import MoELoraLinear, MoLoRAConfig
-from comol.adapters.routing import fp32_linear, load_balancing_loss, renormalise, router_probs
+from comol.adapters.gating import fp32_linear, load_balancing_loss, renormalise, router_probs
 from comol.errors import config_check
 
 

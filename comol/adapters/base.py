@@ -152,7 +152,7 @@ class LowRankConfig(AdapterConfig):
         config_check(isinstance(self.r, int) and self.r > 0, "adapter.r", self.r, "an integer > 0")
         config_check(0.0 <= self.dropout < 1.0, "adapter.dropout", self.dropout, "a probability in [0, 1)")
         if self.alpha is None:
-            self.alpha = float(self.r)
+            self.alpha = self.r
         config_check(self.alpha > 0, "adapter.alpha", self.alpha, "a number > 0")
         super().__post_init__()
 

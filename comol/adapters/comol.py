@@ -27,6 +27,7 @@ from torch import nn
 
 from comol.adapters.base import (TOKEN_ROUTED, AdapterLinear, LowRankConfig, NoWeightDelta, kaiming_uniform_,
                                  register_adapter)
+from comol.adapters.gating import router_probs
 from comol.errors import config_check
 
 MIXING_FORMS = ("auto", "output", "merged")
@@ -96,9 +97,7 @@ class CoMoLLinear(AdapterLinear):
 
     def gates(self, router_input: torch.Tensor) -> torch.Tensor:
         """Dense softmax routing weights [..., N], computed in fp32 (autocast off)."""
-        with torch.autocast(router_input.device.type, enabled=False):
-            logits = F.linear(router_input.float(), self.adapter_router.weight.float())
-            return torch.softmax(logits, dim=-1)
+        return router_probs(router_input, self.adapter_router.weight)
 
     def mix(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """sum_i g_i M_i z for token rows z [T, r] and gates g [T, N] -> [T, r]."""

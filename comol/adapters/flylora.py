@@ -29,7 +29,7 @@ from torch import nn
 
 from comol.adapters.base import AdapterLinear, LowRankConfig, register_adapter
 from comol.adapters.context import AdapterContext
-from comol.adapters.routing import topk_mask
+from comol.adapters.gating import topk_mask
 from comol.errors import config_check
 from comol.adapters.base import TOKEN_ROUTED, NoWeightDelta
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from comol.adapters.base import (TOKEN_ROUTED, AdapterLinear, LowRankConfig, NoWeightDelta, kaiming_uniform_,
                                  register_adapter)
-from comol.adapters.routing import router_probs
+from comol.adapters.gating import router_probs
 from comol.errors import config_check
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from comol.adapters.base import register_adapter
 from comol.adapters.molora import MoELoraLinear, MoLoRAConfig
-from comol.adapters.routing import load_balancing_loss, renormalise, router_probs, topk_mask
+from comol.adapters.gating import load_balancing_loss, renormalise, router_probs, topk_mask
 from comol.errors import config_check
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comol.adapters.base import AdapterLinear, LowRankConfig, kaiming_uniform_, register_adapter
-from comol.adapters.routing import router_probs
+from comol.adapters.gating import router_probs
 from comol.errors import config_check
 from comol.adapters.base import TOKEN_ROUTED, NoWeightDelta
 
