@@ -1,4 +1,6 @@
-"""The LightningModule: causal-LM cross-entropy + weighted auxiliary routing loss, AdamW + warmup schedule."""
+"""The LightningModule: optimises the adapted model's own ``outputs.loss`` (causal-LM cross-entropy + the
+adapter's ``aux_loss_coeff`` x auxiliary routing loss, added by the adapter context: the same objective as
+HF Trainer, TRL or a plain loop), AdamW + warmup schedule."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ SCHEDULES = ("constant", "cosine")
 class AdapterLM(L.LightningModule):
     """Trains only the adapter tensors of a wrapped Hugging Face causal LM."""
 
-    def __init__(self, model: torch.nn.Module, optim: Mapping[str, Any], aux_loss_coeff: float = 0.0,
+    def __init__(self, model: torch.nn.Module, optim: Mapping[str, Any], aux_loss_coeff: float | None = None,
                  routing_stats: bool = True, routing_stats_every: int = 1):
         super().__init__()
         self.model = model
@@ -26,7 +28,11 @@ class AdapterLM(L.LightningModule):
         self.routing_stats = routing_stats
         self.routing_stats_every = max(int(routing_stats_every), 1)  # record one training batch in N
         self.optim_cfg = dict(optim)
-        self.aux_loss_coeff = float(aux_loss_coeff)
+        # the coefficient belongs to the model (its adapter config): a different one here would be a second objective
+        if aux_loss_coeff is not None and float(aux_loss_coeff) != self.context.aux_loss_coeff:
+            raise ConfigError(f"AdapterLM(aux_loss_coeff={aux_loss_coeff}) differs from the model's adapter.aux_loss_coeff="
+                              f"{self.context.aux_loss_coeff}: the objective is the model's outputs.loss; leave it out")
+        self.aux_loss_coeff = self.context.aux_loss_coeff
         if self.optim_cfg.get("schedule", "constant") not in SCHEDULES:
             raise ConfigError(f"optim.schedule={self.optim_cfg.get('schedule')!r} is invalid: expected one of {SCHEDULES}")
         self.strict_loading = False  # checkpoints hold adapter tensors only
@@ -36,17 +42,14 @@ class AdapterLM(L.LightningModule):
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
     def training_step(self, batch, batch_idx):
-        out = self(batch)
-        loss = out.loss
+        out = self(batch)  # out.loss: LM loss + aux_loss_coeff x aux (the model's objective)
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bs)
-        aux = self.context.aux_loss()
+        self.log("train/loss", out["lm_loss"].detach(), prog_bar=True, batch_size=bs)
+        aux = out.get("aux_loss")
         if aux is not None:
             self.log("train/aux_loss", aux.detach(), batch_size=bs)
-            if self.aux_loss_coeff > 0:
-                loss = loss + self.aux_loss_coeff * aux
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
-        return loss
+        return out.loss
 
     # -- routing statistics: recorded in one training batch in N, logged at that batch's step ----
     def on_fit_start(self) -> None:
