@@ -209,7 +209,7 @@ def test_math_table_columns_in_paper_order_with_mean_and_robust_aqua(tmp_path):
         return {"params/trainable": 123_456_789, **{f"eval/math/{s}/acc": a for s, a in acc.items()},
                 "eval/math/AQuA/acc_robust": 0.6, "eval/math/mean_acc": statistics.fmean(acc.values())}
 
-    sweep = _fabricate(tmp_path, "table2", ["experiment=math14k/qwen3_8b/lora,math14k/qwen3_8b/comol"], metrics)
+    sweep = _fabricate(tmp_path, "table2", ["adapter=lora,comol"], metrics)
     md = report(sweep)["markdown"]
     assert _md_rows(md)[0] == ["Method", "Params", "AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP",
                                "Avg.", "AQuA (robust)"]

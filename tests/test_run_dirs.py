@@ -85,7 +85,7 @@ def test_a_claimed_run_dir_is_refused_before_hydra_writes_anything(tmp_path):
 def test_a_sweep_id_is_launched_once(tmp_path):
     """A second launch of sweep.id=X (its dir is claimed by the first) is refused before any job starts."""
     args = ["sweep=table2_tiny", "sweep.id=fixed", f"sweep.root={tmp_path}", "seed=0",
-            "experiment=math14k/qwen3_8b/lora"]
+            "adapter=lora"]
     sweep_dir = tmp_path / "table2_tiny" / "fixed"
     claim_dir(sweep_dir, outputs=("multirun.yaml",), info={"mode": "multirun"})   # the first launch
     proc = cli(*args)
