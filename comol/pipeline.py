@@ -164,7 +164,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, default_root_dir=str(out_dir),
                                          callbacks=callbacks, enable_progress_bar=bar)
         start = time.time()
-        trainer.fit(lit, datamodule=datamodule, ckpt_path=resume_ckpt, weights_only=False)
+        trainer.fit(lit, datamodule=datamodule, ckpt_path=resume_ckpt, weights_only=True)
         train_time = time.time() - start
         # several processes: close the process group; rank 0 alone saves, evaluates and writes
         model = multi.finish_fit(trainer, model, rebuild=lambda: _fresh_adapted_model(cfg))

@@ -96,7 +96,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
     with pytest.raises(RunInterrupted, match=r"stopped by SIGTERM at step (\d+).*resume=true"):
         run(cfg_for(out, "logger=csv"))
     assert not (out / "adapter").exists() and not (out / "results.json").exists()
-    stopped = torch.load(checkpoint_path(out), weights_only=False)["global_step"]
+    stopped = torch.load(checkpoint_path(out), weights_only=True)["global_step"]
     assert 4 <= stopped < 12
     results = run(cfg_for(out, "logger=csv", "resume=true"))
     assert results["train/steps"] == 12 and results["train/resumed_from_step"] == stopped
@@ -122,7 +122,7 @@ def test_hard_kill_then_resume_from_periodic_checkpoint_equals_uninterrupted_run
     proc = subprocess.run([sys.executable, "-c", HARD_KILL, "6", *SHORT, "logger=csv", f"paths.output_dir={out}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert torch.load(checkpoint_path(out), weights_only=False)["global_step"] == 4
+    assert torch.load(checkpoint_path(out), weights_only=True)["global_step"] == 4
     assert not (out / "adapter").exists() and not (out / "results.json").exists()
     killed = csv_rows(out)   # rows past the checkpoint are on disk: the resume has to drop them
     assert [s for s, _ in losses(killed)] == list(range(6))
@@ -137,6 +137,29 @@ def test_hard_kill_then_resume_from_periodic_checkpoint_equals_uninterrupted_run
     rows, ref = csv_rows(out), csv_rows(uninterrupted)
     assert [s for s, _ in losses(rows)] == list(range(12)) and losses(rows) == losses(ref)
     assert losses(rows, "val/loss") == losses(ref, "val/loss")
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_taken_right_after_a_validation_keeps_every_step(uninterrupted, tmp_path):
+    """Validation runs after step 3 (val_check_interval=3) and the step-3 checkpoint is saved right after it.
+    Lightning, restarting there, skips the already-run validation with an empty loop iteration that still
+    counts one logged step: every later metrics.csv row came out one step late (3 -> 4, ...)."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", HARD_KILL, "4", *SHORT, "logger=csv", "checkpoint.every_n_steps=3",
+                           f"paths.output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert torch.load(checkpoint_path(out), weights_only=True)["global_step"] == 3
+    assert [s for s, _ in losses(csv_rows(out), "val/loss")] == [2]   # the validation before the save
+
+    results = run(cfg_for(out, "logger=csv", "resume=true", "checkpoint.every_n_steps=3"))
+    assert results["train/steps"] == 12 and results["train/resumed_from_step"] == 3
+    whole, cut = adapter_tensors(uninterrupted), adapter_tensors(out)
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    rows, ref = csv_rows(out), csv_rows(uninterrupted)
+    assert [s for s, _ in losses(rows)] == list(range(12)) and losses(rows) == losses(ref)
+    assert losses(rows, "val/loss") == losses(ref, "val/loss")
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
 
 
 @pytest.mark.slow
@@ -203,7 +226,7 @@ def test_resume_without_checkpoint_is_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_holds_adapter_tensors_only(uninterrupted):
-    ckpt = torch.load(checkpoint_path(uninterrupted), weights_only=False)
+    ckpt = torch.load(checkpoint_path(uninterrupted), weights_only=True)
     adapter = adapter_tensors(uninterrupted)
     assert len(ckpt["state_dict"]) == len(adapter) > 0
     from comol.adapters import is_adapter_name

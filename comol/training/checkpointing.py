@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from comol.errors import ComolError
+from comol.training.plain_state import to_plain
 from comol.training.signals import SignalCatcher
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,12 @@ class RunCheckpoint(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._restore is not None:   # first batch after a resume: continue the RNG streams exactly
             set_rng_states(self._restore["rng"])
+            logged = self._restore.get("logged_steps")
+            if logged is not None:
+                # Restarting from a save taken right after a validation, Lightning first runs an empty loop
+                # iteration (it skips the validation already done) that still counts one logged step: every
+                # metrics row would come one step late. The step counter of the loggers is the saved one.
+                trainer.fit_loop.epoch_loop._batches_that_stepped = int(logged)
             self._restore = None
         self._gs_at_start = trainer.global_step
         if not self._at_boundary:
@@ -146,6 +153,12 @@ class RunCheckpoint(L.Callback):
                 progress[part]["ready"] = progress[part]["started"] = progress[part]["completed"]
                 progress[part]["processed"] = progress[part]["completed"]
             progress["is_last_batch"] = False
+        # loadable with torch.load(weights_only=True): plain data only (plain_state.py). Lightning records the
+        # class of OmegaConf hyperparameters ("hparams_type"): a class is not data, and resuming never needs it
+        for key in [k for k, v in checkpoint.items() if isinstance(v, type)]:
+            del checkpoint[key]
+        for key in list(checkpoint):
+            checkpoint[key] = to_plain(checkpoint[key], f"checkpoint[{key!r}]")
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self._last_saved:
@@ -158,7 +171,8 @@ class RunCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer, batch_idx: int | None) -> Path:
         self._state = {"global_step": trainer.global_step, "config": self.config, "rng": rng_states(),
                        "data": None if batch_idx is None else {"epoch": trainer.current_epoch, "batches": batch_idx},
-                       "loggers": logger_ids(trainer), "training_done": batch_idx is None}
+                       "loggers": logger_ids(trainer), "training_done": batch_idx is None,
+                       "logged_steps": trainer.fit_loop.epoch_loop._batches_that_stepped}
         for lg in trainer.loggers:   # what was logged so far is on disk together with the checkpoint
             lg.save()
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from comol.errors import ConfigError
 from comol.io_utils import atomic_write_text
 from comol.training.checkpointing import checkpoint_path
+from comol.training.plain_state import load_plain
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +61,12 @@ def load_resume_state(out_dir: Path, current_cfg: dict) -> tuple[Path, dict]:
     if not ckpt.is_file():
         raise ConfigError(f"resume=true: {out_dir} has no {ckpt.relative_to(out_dir)}: nothing to resume "
                           f"(hydra.run.dir must name the interrupted run's dir)")
-    try:
-        data = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"resume=true: {ckpt} is unreadable ({type(e).__name__}: {e})") from e
-    state = next((v for k, v in (data.get("callbacks") or {}).items() if k.startswith("RunCheckpoint")), None)
-    if not state:
+    data = load_plain(ckpt)   # weights_only=True: a checkpoint never runs code
+    callbacks = data.get("callbacks")
+    state = next((v for k, v in callbacks.items() if str(k).startswith("RunCheckpoint")), None) \
+        if isinstance(callbacks, dict) else None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) \
+            or not isinstance(state.get("global_step"), int):
         raise ConfigError(f"resume=true: {ckpt} holds no comol run state")
     diff = config_differences(state["config"], current_cfg)
     if diff:
