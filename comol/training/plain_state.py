@@ -51,8 +51,12 @@ def to_plain(obj: Any, where: str = "checkpoint") -> Any:
 
 
 def _refused_global(e: Exception) -> str | None:
+    """What torch's weights-only unpickler stopped at: a global (``posix.system``) or a pickle opcode."""
     m = re.search(r"GLOBAL ([\w.]+)", str(e))
-    return m.group(1) if m else None
+    if m:
+        return m.group(1)
+    m = re.search(r"Unsupported operand (\d+)", str(e))
+    return f"pickle opcode {m.group(1)}" if m else None
 
 
 def load_plain(path: str | os.PathLike) -> dict[str, Any]:
