@@ -131,7 +131,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         log.warning("%s holds a finished run (results.json): nothing to resume", out_dir)
         print(f"{out_dir} holds a finished run (results.json): nothing to resume")
         return json.loads((out_dir / "results.json").read_text())
-    previous = previous_run_config(out_dir) if wants_resume(cfg.get("resume")) else None   # before start_job rewrites it
+    previous = (previous_run_config(out_dir, OmegaConf.to_container(cfg, resolve=True))   # before start_job rewrites it
+                if wants_resume(cfg.get("resume")) else None)
     out_dir, checked = start_job(cfg, "train")
     resume_ckpt, resume_state = None, {}
     if wants_resume(cfg.get("resume")) and (cfg.get("resume") or previous or checkpoint_path(out_dir).is_file()):

@@ -20,6 +20,7 @@ never replaced (a resume rewrites it in place), so the lock always sits on the o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -45,7 +46,7 @@ SWEEP_OUTPUTS = ("multirun.yaml",)
 EVAL_SUBDIR = "evals"
 
 _PENDING: dict[str, str] = {}   # dirs this process claimed in a Hydra callback, not yet adopted by its job
-_HELD: dict[str, int] = {}      # dir -> open, flock'ed descriptor of its claim file, while this process holds it
+_HELD: dict[str, tuple[int, int]] = {}   # dir -> (pid, flock'ed descriptor of its claim file) while pid holds it
 
 
 class RunDirTaken(ConfigError):
@@ -71,15 +72,15 @@ def _describe(claim: dict | None) -> str:
 def _held_fd(key: str, claim: Path) -> int | None:
     """The descriptor of ``claim`` this process still holds locked (None when it holds none, or the file was
     replaced since, e.g. a test's dir deleted and made again)."""
-    fd = _HELD.get(key)
+    pid, fd = _HELD.get(key, (None, None))
     if fd is None:
         return None
     try:
-        if os.fstat(fd).st_ino == os.stat(claim).st_ino:
+        if pid == os.getpid() and os.fstat(fd).st_ino == os.stat(claim).st_ino:
             return fd
     except OSError:
         pass
-    release_dir(key)
+    release_dir(key)   # a forked child closes its copy only: the parent's lock stays
     return None
 
 
@@ -105,11 +106,12 @@ def _fd_path(fd: int) -> str:
         return "the run dir"
 
 
-def _in_use(what: str, path: Path, hint: str) -> RunDirTaken:
+def _in_use(what: str, path: Path) -> RunDirTaken:
     claim = read_claim(path)
-    stop = f" (stop it first: kill -TERM {claim['pid']} on {claim.get('host', '?')})" if claim and "pid" in claim else ""
+    stop = (f" (kill -TERM {claim['pid']} on {claim.get('host', '?')}: a training run saves a checkpoint and stops)"
+            if claim and "pid" in claim else "")
     return RunDirTaken(f"{what} {path} is in use by {_describe(claim)}, still running: a run never shares its "
-                       f"directory; wait for it to end{stop}, or {hint}")
+                       f"directory; wait for it to end, or stop it{stop}, before resume=true")
 
 
 def _rewrite(fd: int, record: Mapping[str, Any]) -> None:
@@ -137,8 +139,8 @@ def _take_over(path: Path, key: str, record: dict, what: str, hint: str) -> Path
                     continue
         if not _lock(fd):
             os.close(fd)
-            raise _in_use(what, path, hint)
-        _HELD[key] = fd
+            raise _in_use(what, path)
+        _HELD[key] = (os.getpid(), fd)
     try:
         before = json.loads(os.pread(fd, 1 << 20, 0) or b"{}")
     except ValueError:
@@ -183,17 +185,18 @@ def claim_dir(path: str | os.PathLike, *, outputs: Iterable[str] = RUN_OUTPUTS, 
                           f"directory; {hint}") from None
     if not _lock(fd):   # a resume opened the file in the instant since it appeared, and holds it
         os.close(fd)
-        raise _in_use(what, path, hint)
-    _HELD[key] = fd
+        raise _in_use(what, path)
+    _HELD[key] = (os.getpid(), fd)
     _rewrite(fd, record)
     return path
 
 
 def release_dir(path: str | os.PathLike) -> None:
     """Let go of the lock this process holds on ``path``'s claim (the claim record itself stays)."""
-    fd = _HELD.pop(str(Path(os.path.abspath(path))), None)
+    _, fd = _HELD.pop(str(Path(os.path.abspath(path))), (None, None))
     if fd is not None:
-        os.close(fd)   # closing the last descriptor drops the flock
+        with contextlib.suppress(OSError):
+            os.close(fd)   # closing the last descriptor of the claim file drops the flock
 
 
 def _job_overrides() -> list[str] | None:

@@ -59,9 +59,10 @@ def wants_resume(cfg_resume: Any) -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
-def previous_run_config(out_dir: Path) -> dict | None:
+def previous_run_config(out_dir: Path, current_cfg: dict) -> dict | None:
     """The resolved config the run in ``out_dir`` started with (its ``config.yaml``), None when no run started
-    there. Read it before this job writes its own."""
+    there. Read it before this job writes its own: when the run has no checkpoint (it will start again from step
+    0, see ``load_resume_state``), a ``current_cfg`` that differs from it is refused here, config.yaml untouched."""
     path = Path(out_dir) / CONFIG_FILE
     if not path.is_file():
         return None
@@ -72,6 +73,8 @@ def previous_run_config(out_dir: Path) -> dict | None:
                           f"config of the run in {out_dir}") from None
     if not isinstance(node, dict):
         raise ConfigError(f"resume=true: {path} holds no config mapping")
+    if not checkpoint_path(out_dir).is_file():
+        _refuse_other_config(path, node, current_cfg)
     return node
 
 
@@ -95,7 +98,7 @@ def load_resume_state(out_dir: Path, current_cfg: dict, previous_cfg: dict | Non
         if previous_cfg is None:
             raise ConfigError(f"resume=true: {out_dir} has no {ckpt.relative_to(out_dir)}: nothing to resume (no run "
                               f"started there; hydra.run.dir must name the interrupted run's dir)")
-        _refuse_other_config(out_dir, out_dir / CONFIG_FILE, previous_cfg, current_cfg)
+        _refuse_other_config(out_dir / CONFIG_FILE, previous_cfg, current_cfg)
         log.warning("resume=true: %s holds a run stopped before its first checkpoint: it starts again from step 0",
                     out_dir)
         version = _csv_version(current_cfg)
@@ -107,17 +110,21 @@ def load_resume_state(out_dir: Path, current_cfg: dict, previous_cfg: dict | Non
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) \
             or not isinstance(state.get("global_step"), int):
         raise ConfigError(f"resume=true: {ckpt} holds no comol run state")
-    _refuse_other_config(out_dir, ckpt, state["config"], current_cfg)
+    _refuse_other_config(ckpt, state["config"], current_cfg)
     return ckpt, state
 
 
-def _refuse_other_config(out_dir: Path, source: Path, saved: dict, current: dict) -> None:
+def _refuse_other_config(source: Path, saved: dict, current: dict) -> None:
+    """A one-line ConfigError naming the keys where ``current`` differs from the run's ``saved`` config, with the
+    run's own values (.hydra/overrides.yaml is no guide: Hydra rewrote it for this very launch)."""
     diff = config_differences(saved, current)
     if diff:
         shown = ", ".join(diff[:12]) + (f" (+{len(diff) - 12} more)" if len(diff) > 12 else "")
+        flat = _flatten(saved)
+        own = " ".join(f"{k}={flat[k] if k in flat else '(absent)'}" for k in diff[:6])
         whose = "checkpointed" if source.suffix == ".ckpt" else "interrupted"
-        raise ConfigError(f"resume=true: the config differs from the {whose} run's in {shown}; "
-                          f"resume with the run's own overrides ({out_dir}/.hydra/overrides.yaml)")
+        raise ConfigError(f"resume=true: the config differs from the {whose} run's in {shown}; resume with the run's "
+                          f"own values ({own}{' ...' if len(diff) > 6 else ''}; recorded in {source})")
 
 
 def logger_resume_kwargs(state: dict) -> dict[str, dict]:
