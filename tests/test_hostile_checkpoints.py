@@ -143,3 +143,50 @@ def test_what_a_run_saves_loads_with_weights_only(tmp_path):
     state = ckpt["callbacks"]["RunCheckpoint"]
     assert isinstance(state["rng"]["torch"], torch.Tensor) and isinstance(state["rng"]["numpy"][1], torch.Tensor)
     assert [p.name for p in checkpoint_path(tmp_path / "run").parent.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_save_is_one_line_and_the_earlier_checkpoint_survives(tmp_path, monkeypatch):
+    """ENOSPC in the middle of writing the step-2 checkpoint (injected into the write, after half the bytes):
+    one line naming the file, the space it needs and the space free; the step-1 checkpoint is intact, no
+    temporary file is left, nothing is saved as a result. Before: a 67-line traceback."""
+    import errno
+
+    from comol.config import compose
+    from comol.pipeline import run
+    from comol.training import checkpoint_io
+    from comol.training.checkpoint_io import NoSpaceForCheckpoint
+
+    real_write, calls = checkpoint_io._write, []
+
+    def write_then_disk_full(path, data):
+        calls.append(path)
+        if len(calls) < 2:
+            return real_write(path, data)
+        real_write(path, bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(checkpoint_io, "_write", write_then_disk_full)
+    out = tmp_path / "run"
+    with pytest.raises(NoSpaceForCheckpoint) as e:
+        run(compose([*TINY, "checkpoint.every_n_steps=1", f"paths.output_dir={out}"]))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"no space left for checkpoint {calls[1]}: it needs ")
+    assert " MB free on that disk, " in msg and "at step 2; the checkpoint of step 1 is kept" in msg
+    assert torch.load(checkpoint_path(out), weights_only=True)["global_step"] == 1
+    assert [p.name for p in checkpoint_path(out).parent.iterdir()] == ["last.ckpt"]
+    assert not (out / "adapter").exists() and not (out / "results.json").exists()
+
+
+def test_a_save_the_disk_has_no_room_for_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+
+    from comol.training import checkpoint_io
+    from comol.training.checkpoint_io import NoSpaceForCheckpoint, RunCheckpointIO
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint_io.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    target = tmp_path / ".last.ckpt.1.tmp"
+    with pytest.raises(NoSpaceForCheckpoint, match=r"it needs 0\.4 MB free on that disk, 0\.0 MB is free"):
+        RunCheckpointIO().save_checkpoint({"w": torch.zeros(100_000)}, target)
+    assert not target.exists()
