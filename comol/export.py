@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from comol.adapters import inject_adapter, is_adapter_name, load_adapter
 from comol.adapters.base import AdapterConfig, build_adapter_config
-from comol.adapters.inject import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
+from comol.adapters.inject import CONFIG_FILE, read_adapter_config, read_adapter_tensors
 from comol.adapters.merge import fold_adapter
 from comol.errors import CheckpointError, ComolError
 from comol.io_utils import atomic_write_json, normal_permissions, replace_dir
@@ -57,7 +57,7 @@ def _staging_dir(out: Path) -> Iterator[Path]:
 
 
 def _saved_adapter(adapter_dir: Path) -> tuple[AdapterConfig, dict[str, Any]]:
-    meta = read_adapter_config(adapter_dir)
+    meta = read_adapter_config(adapter_dir)   # untrusted: size, encoding, format version, bounded sizes
     try:
         cfg = build_adapter_config(meta["adapter"])
     except ComolError as e:
@@ -102,17 +102,12 @@ def peft_config(cfg: AdapterConfig, base: Mapping[str, Any], targets: list[str])
 
 
 def peft_tensors(adapter_dir: Path, expected: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Our LoRA tensors renamed to PEFT's; every expected tensor present with its shape, nothing else."""
-    weights = adapter_dir / WEIGHTS_FILE
-    ours = load_file(str(weights))
-    missing, unexpected = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
-    if missing or unexpected:
-        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
-        raise CheckpointError(f"{weights}: {what} for this adapter on its base model")
+    """Our LoRA tensors renamed to PEFT's; every expected tensor present with its shape, nothing else, read only
+    after the checksum, dtype and shape checks (and finite)."""
+    ours = read_adapter_tensors(adapter_dir, read_adapter_config(adapter_dir),
+                                {k: tuple(v) for k, v in expected.items()})
     out = {}
     for name, t in ours.items():
-        if tuple(t.shape) != tuple(expected[name]):
-            raise CheckpointError(f"{weights}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
         module, _, leaf = name.rpartition(".")
         out[PEFT_PREFIX + module + "." + PEFT_NAMES[leaf]] = t.contiguous()
     return out
@@ -138,6 +133,7 @@ def check_with_peft(peft_dir: Path, base: Mapping[str, Any], tensors: Mapping[st
 
 def export_peft(adapter_dir: str | Path, out: str | Path) -> Path:
     adapter_dir, out = Path(adapter_dir), Path(out)
+    check_out_dir(adapter_dir, out)
     cfg, base = _saved_adapter(adapter_dir)
     reason = peft_refusal(cfg)
     if reason:
@@ -159,8 +155,13 @@ def export_peft(adapter_dir: str | Path, out: str | Path) -> Path:
 
 def export_merged(adapter_dir: str | Path, out: str | Path) -> Path:
     adapter_dir, out = Path(adapter_dir), Path(out)
+    check_out_dir(adapter_dir, out)
     cfg, base = _saved_adapter(adapter_dir)
-    fold_adapter(_meta_adapted(base, cfg), safe=False)  # refuses now, before loading real weights
+    meta_model = _meta_adapted(base, cfg)
+    expected = {n: tuple(t.shape) for n, t in meta_model.state_dict().items() if is_adapter_name(n)}
+    fold_adapter(meta_model, safe=False)  # refuses now, before loading real weights
+    # every check of the weights file (checksum, dtypes, names and shapes, finite) before the backbone is built
+    read_adapter_tensors(adapter_dir, read_adapter_config(adapter_dir), expected)
     model, tok = load_backbone(base)
     load_adapter(model, adapter_dir)
     fold_adapter(model.eval())
@@ -170,6 +171,25 @@ def export_merged(adapter_dir: str | Path, out: str | Path) -> Path:
         tok.save_pretrained(tmp)
     print(f"wrote merged {type(model).__name__} ({cfg.name} folded in) to {out}")
     return out
+
+
+def check_out_dir(adapter_dir: Path, out: Path) -> None:
+    """``--out`` must be a new directory, or an earlier export (it is replaced): never the working directory,
+    the adapter dir or a folder around either, never a file or a folder of other files."""
+    where, src, cwd = out.resolve(), adapter_dir.resolve(), Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
+        raise ComolError(f"--out {out}: the working directory (or a folder above it) would be replaced: "
+                         f"give a new directory, e.g. --out {Path(adapter_dir.name + '_export')}")
+    if where == src or where in src.parents or src in where.parents:
+        raise ComolError(f"--out {out}: inside or around the adapter dir {adapter_dir}: give a directory elsewhere")
+    if where.exists() and not where.is_dir():
+        raise ComolError(f"--out {out} is a file: give a new directory")
+    if where.is_dir() and any(where.iterdir()) and not any((where / f).is_file() for f in EXPORT_MARKERS):
+        raise ComolError(f"--out {out} holds other files (no earlier export): give a new directory")
+
+
+#: files that mark a directory as an earlier export (PEFT adapter, or a merged Transformers model)
+EXPORT_MARKERS = ("adapter_config.json", "config.json")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,11 +27,12 @@ from comol.models.lit_module import AdapterLM
 from comol.models.progress import ProgressLog, StepProgressBar, on_terminal, quiet_libraries
 from comol.models.wandb_logger import log_job_outputs
 from comol.preflight import preflight
-from comol.run_dir import claim_run_dir
+from comol.run_dir import claim_run_dir, release_run_dir
 from comol.training.checkpointing import RunCheckpoint, auto_every_n_steps, checkpoint_path
 from comol.training.distributed import DistributedRun, is_global_zero
 from comol.training.divergence import DivergenceError, DivergenceGuard, nonfinite_tensors
-from comol.training.resume import continue_csv, load_resume_state, logger_resume_kwargs, wants_resume
+from comol.training.resume import (continue_csv, load_resume_state, logger_resume_kwargs, previous_run_config,
+                                   wants_resume)
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,16 @@ def evaluate_with_routing(model, tokenizer, cfg: DictConfig, out_dir: Path, toy_
 
 def run(cfg: DictConfig) -> dict[str, float]:
     mode = cfg.get("mode", "train")
-    if mode == "train":
-        return train_and_evaluate(cfg)
-    if mode == "eval":
-        return evaluate_saved(cfg)
-    if mode == "base":
-        return evaluate_base(cfg)
-    raise ConfigError(f"mode={mode!r} is invalid: expected 'train', 'eval' or 'base'")
+    try:
+        if mode == "train":
+            return train_and_evaluate(cfg)
+        if mode == "eval":
+            return evaluate_saved(cfg)
+        if mode == "base":
+            return evaluate_base(cfg)
+        raise ConfigError(f"mode={mode!r} is invalid: expected 'train', 'eval' or 'base'")
+    finally:
+        release_run_dir(cfg.paths.output_dir)   # the job is over: the dir may be resumed by another process
 
 
 def start_job(cfg: DictConfig, mode: str):
@@ -132,10 +136,12 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         log.warning("%s holds a finished run (results.json): nothing to resume", out_dir)
         print(f"{out_dir} holds a finished run (results.json): nothing to resume")
         return json.loads((out_dir / "results.json").read_text())
+    previous = (previous_run_config(out_dir, OmegaConf.to_container(cfg, resolve=True))   # before start_job rewrites it
+                if wants_resume(cfg.get("resume")) else None)
     out_dir, checked = start_job(cfg, "train")
     resume_ckpt, resume_state = None, {}
-    if wants_resume(cfg.get("resume")) and (cfg.get("resume") or checkpoint_path(out_dir).is_file()):
-        resume_ckpt, resume_state = load_resume_state(out_dir, OmegaConf.to_container(cfg, resolve=True))
+    if wants_resume(cfg.get("resume")) and (cfg.get("resume") or previous or checkpoint_path(out_dir).is_file()):
+        resume_ckpt, resume_state = load_resume_state(out_dir, OmegaConf.to_container(cfg, resolve=True), previous)
         log.info("resuming %s from step %d", out_dir, resume_state["global_step"])
     model, tokenizer = load_backbone(cfg.model)
     adapter_cfg = inject_adapter(model, _container(cfg.adapter))
@@ -148,8 +154,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
     lit = AdapterLM(model, _container(cfg.optim), aux_loss_coeff=adapter_cfg.aux_loss_coeff,
                     routing_stats=bool(cfg.routing_stats), routing_stats_every=int(cfg.routing_stats_every))
 
-    loggers = build_loggers(cfg, logger_resume_kwargs(resume_state) if resume_ckpt is not None else None)
-    if resume_ckpt is not None:
+    loggers = build_loggers(cfg, logger_resume_kwargs(resume_state) if resume_state else None)
+    if resume_state:
         continue_csv(loggers, resume_state)
     ok = False
     try:
@@ -169,7 +175,7 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, default_root_dir=str(out_dir),
                                          callbacks=callbacks, enable_progress_bar=bar)
         start = time.time()
-        trainer.fit(lit, datamodule=datamodule, ckpt_path=resume_ckpt, weights_only=False)
+        trainer.fit(lit, datamodule=datamodule, ckpt_path=resume_ckpt, weights_only=True)
         train_time = time.time() - start
         # several processes: close the process group; rank 0 alone saves, evaluates and writes
         model = multi.finish_fit(trainer, model, rebuild=lambda: _fresh_adapted_model(cfg))

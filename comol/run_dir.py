@@ -11,12 +11,20 @@ Who claims:
 - the pipeline, at the start of each job (``claim_run_dir``): it adopts the callback's claim of a single run,
   and claims each job dir of a multirun itself (inside the sweep dir its launch has claimed).
 
-``resume=True`` lets a run take over a directory it claimed before (a resumed run continues its own outputs).
+``resume=True`` lets a run take over a directory it claimed before (a resumed run continues its own outputs),
+but never one that a live process holds: every claimant, new run or resume, keeps an exclusive ``flock`` on the
+claim file for as long as its job runs (the kernel drops it when the process ends, however it ends). A resume
+launched twice, or while the original run still runs, finds the lock taken and is refused. The claim file is
+never replaced (a resume rewrites it in place), so the lock always sits on the one file every claimant opens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
 import socket
 import sys
@@ -29,6 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from comol.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 CLAIM_FILE = ".comol_run.json"
 #: what a finished or running job leaves in its dir (``.hydra`` only counts before Hydra has written ours)
 RUN_OUTPUTS = ("results.json", "adapter", "predictions", "config.yaml")
@@ -36,6 +46,7 @@ SWEEP_OUTPUTS = ("multirun.yaml",)
 EVAL_SUBDIR = "evals"
 
 _PENDING: dict[str, str] = {}   # dirs this process claimed in a Hydra callback, not yet adopted by its job
+_HELD: dict[str, tuple[int, int]] = {}   # dir -> (pid, flock'ed descriptor of its claim file) while pid holds it
 
 
 class RunDirTaken(ConfigError):
@@ -58,10 +69,91 @@ def _describe(claim: dict | None) -> str:
     return f"a {claim.get('mode', '?')} run (pid {claim.get('pid', '?')} on {claim.get('host', '?')}, started {when})"
 
 
+def _held_fd(key: str, claim: Path) -> int | None:
+    """The descriptor of ``claim`` this process still holds locked (None when it holds none, or the file was
+    replaced since, e.g. a test's dir deleted and made again)."""
+    pid, fd = _HELD.get(key, (None, None))
+    if fd is None:
+        return None
+    try:
+        if pid == os.getpid() and os.fstat(fd).st_ino == os.stat(claim).st_ino:
+            return fd
+    except OSError:
+        pass
+    release_dir(key)   # a forked child closes its copy only: the parent's lock stays
+    return None
+
+
+def _lock(fd: int) -> bool:
+    """Take the exclusive lock on an open claim file without waiting; False when another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):   # e.g. NFS mounted with nolock
+            log.warning("the filesystem of %s supports no file locks (%s): two resumes of this dir, or a "
+                        "resume of a run still going, are not detected", _fd_path(fd), e.strerror)
+            return True
+        raise
+
+
+def _fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "the run dir"
+
+
+def _in_use(what: str, path: Path) -> RunDirTaken:
+    claim = read_claim(path)
+    stop = (f" (kill -TERM {claim['pid']} on {claim.get('host', '?')}: a training run saves a checkpoint and stops)"
+            if claim and "pid" in claim else "")
+    return RunDirTaken(f"{what} {path} is in use by {_describe(claim)}, still running: a run never shares its "
+                       f"directory; wait for it to end, or stop it{stop}, before resume=true")
+
+
+def _rewrite(fd: int, record: Mapping[str, Any]) -> None:
+    """Replace the content of the (locked) claim file in place: its inode, and so the lock, stay."""
+    data = json.dumps(dict(record), indent=1, default=str).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    os.fsync(fd)
+
+
+def _take_over(path: Path, key: str, record: dict, what: str, hint: str) -> Path:
+    """``resume``: hold the lock of the dir's claim (made now when it has none), then record this process in it."""
+    claim = path / CLAIM_FILE
+    fd = _held_fd(key, claim)
+    if fd is None:
+        while True:
+            try:
+                fd = os.open(claim, os.O_RDWR)
+                break
+            except FileNotFoundError:
+                try:
+                    fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
+                    break
+                except FileExistsError:   # another launch made it in between: open theirs
+                    continue
+        if not _lock(fd):
+            os.close(fd)
+            raise _in_use(what, path)
+        _HELD[key] = (os.getpid(), fd)
+    try:
+        before = json.loads(os.pread(fd, 1 << 20, 0) or b"{}")
+    except ValueError:
+        before = {}
+    _rewrite(fd, {**(before if isinstance(before, dict) else {}), **record, "resumed": True})
+    return path
+
+
 def claim_dir(path: str | os.PathLike, *, outputs: Iterable[str] = RUN_OUTPUTS, resume: bool = False,
               info: Mapping[str, Any] | None = None, what: str = "run dir",
               hint: str = "choose another hydra.run.dir (or leave it to the default)") -> Path:
-    """Make ``path`` this process's own (see the module doc); raise RunDirTaken naming what holds it."""
+    """Make ``path`` this process's own (see the module doc); raise RunDirTaken naming what holds it.
+    This process keeps the claim file locked until ``release_dir`` (or its end)."""
     path = Path(os.path.abspath(path))   # as Hydra makes hydra.runtime.output_dir (paths.output_dir)
     key = str(path)
     if _PENDING.pop(key, None) is not None:   # claimed for this very job by the Hydra callback
@@ -70,14 +162,15 @@ def claim_dir(path: str | os.PathLike, *, outputs: Iterable[str] = RUN_OUTPUTS, 
     record = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "token": uuid.uuid4().hex,
               **dict(info or {})}
     if resume:
-        from comol.io_utils import atomic_write_json
-
-        atomic_write_json(path / CLAIM_FILE, {**(read_claim(path) or {}), **record, "resumed": True})
-        return path
+        return _take_over(path, key, record, what, hint)
     held = [name for name in outputs if (path / name).exists()]
     finished = [name for name in held if name != ".hydra"]
     if (path / "checkpoints" / "last.ckpt").is_file() and not (path / "results.json").exists():
         hint = "it was interrupted: continue it with resume=true and the same overrides, or " + hint
+    elif (path / "config.yaml").is_file() and not (path / "results.json").exists() \
+            and (read_claim(path) or {}).get("mode") == "train":
+        hint = ("it was interrupted before its first checkpoint: start it again from step 0 with resume=true and "
+                "the same overrides, or " + hint)
     if finished:   # a run's outputs say most
         raise RunDirTaken(f"{what} {path} already holds a run ({finished[0]}): a run never overwrites another; {hint}")
     if (path / CLAIM_FILE).exists():
@@ -86,13 +179,24 @@ def claim_dir(path: str | os.PathLike, *, outputs: Iterable[str] = RUN_OUTPUTS, 
     if held:
         raise RunDirTaken(f"{what} {path} already holds a run ({held[0]}): a run never overwrites another; {hint}")
     try:
-        fd = os.open(path / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        fd = os.open(path / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
     except FileExistsError:   # another launch got there first
         raise RunDirTaken(f"{what} {path} is claimed by {_describe(read_claim(path))}: a run never shares its "
                           f"directory; {hint}") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1, default=str)
+    if not _lock(fd):   # a resume opened the file in the instant since it appeared, and holds it
+        os.close(fd)
+        raise _in_use(what, path)
+    _HELD[key] = (os.getpid(), fd)
+    _rewrite(fd, record)
     return path
+
+
+def release_dir(path: str | os.PathLike) -> None:
+    """Let go of the lock this process holds on ``path``'s claim (the claim record itself stays)."""
+    _, fd = _HELD.pop(str(Path(os.path.abspath(path))), (None, None))
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)   # closing the last descriptor of the claim file drops the flock
 
 
 def _job_overrides() -> list[str] | None:
@@ -116,6 +220,12 @@ def claim_run_dir(out_dir: str | os.PathLike, resume: bool = False, mode: str = 
     if overrides is not None:
         info["overrides"] = overrides
     return claim_dir(out_dir, resume=resume, info=info)
+
+
+def release_run_dir(out_dir: str | os.PathLike) -> None:
+    """The job in ``out_dir`` has ended (finished or failed): another process may now resume it."""
+    _PENDING.pop(str(Path(os.path.abspath(out_dir))), None)
+    release_dir(out_dir)
 
 
 # --------------------------------------------------------------------------------------------- Hydra side

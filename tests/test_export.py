@@ -11,6 +11,7 @@ skipping it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 
@@ -121,8 +122,12 @@ def test_peft_export_refuses_a_corrupt_adapter_and_keeps_the_old_output(tmp_path
     tensors = load_file(str(weights))
     del tensors["model.layers.2.mlp.down_proj.adapter_B"]
     save_file(tensors, str(weights))
+    config = adapter_dir / "adapter_config.json"   # checksum made to match: the tensor check is what refuses
+    meta = json.loads(config.read_text())
+    config.write_text(json.dumps({**meta, "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}))
     out = tmp_path / "peft"
     out.mkdir()
+    (out / "adapter_config.json").write_text("{}")   # an earlier export (--out may replace only one)
     (out / "keep.txt").write_text("older export")
     with pytest.raises(CheckpointError, match=r"adapter_model.safetensors: missing tensor "
                                               r"model\.layers\.2\.mlp\.down_proj\.adapter_B"):

@@ -96,7 +96,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
     with pytest.raises(RunInterrupted, match=r"stopped by SIGTERM at step (\d+).*resume=true"):
         run(cfg_for(out, "logger=csv"))
     assert not (out / "adapter").exists() and not (out / "results.json").exists()
-    stopped = torch.load(checkpoint_path(out), weights_only=False)["global_step"]
+    stopped = torch.load(checkpoint_path(out), weights_only=True)["global_step"]
     assert 4 <= stopped < 12
     results = run(cfg_for(out, "logger=csv", "resume=true"))
     assert results["train/steps"] == 12 and results["train/resumed_from_step"] == stopped
@@ -122,7 +122,7 @@ def test_hard_kill_then_resume_from_periodic_checkpoint_equals_uninterrupted_run
     proc = subprocess.run([sys.executable, "-c", HARD_KILL, "6", *SHORT, "logger=csv", f"paths.output_dir={out}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert torch.load(checkpoint_path(out), weights_only=False)["global_step"] == 4
+    assert torch.load(checkpoint_path(out), weights_only=True)["global_step"] == 4
     assert not (out / "adapter").exists() and not (out / "results.json").exists()
     killed = csv_rows(out)   # rows past the checkpoint are on disk: the resume has to drop them
     assert [s for s, _ in losses(killed)] == list(range(6))
@@ -137,6 +137,81 @@ def test_hard_kill_then_resume_from_periodic_checkpoint_equals_uninterrupted_run
     rows, ref = csv_rows(out), csv_rows(uninterrupted)
     assert [s for s, _ in losses(rows)] == list(range(12)) and losses(rows) == losses(ref)
     assert losses(rows, "val/loss") == losses(ref, "val/loss")
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_taken_right_after_a_validation_keeps_every_step(uninterrupted, tmp_path):
+    """Validation runs after step 3 (val_check_interval=3) and the step-3 checkpoint is saved right after it.
+    Lightning, restarting there, skips the already-run validation with an empty loop iteration that still
+    counts one logged step: every later metrics.csv row came out one step late (3 -> 4, ...)."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", HARD_KILL, "4", *SHORT, "logger=csv", "checkpoint.every_n_steps=3",
+                           f"paths.output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert torch.load(checkpoint_path(out), weights_only=True)["global_step"] == 3
+    assert [s for s, _ in losses(csv_rows(out), "val/loss")] == [2]   # the validation before the save
+
+    results = run(cfg_for(out, "logger=csv", "resume=true", "checkpoint.every_n_steps=3"))
+    assert results["train/steps"] == 12 and results["train/resumed_from_step"] == 3
+    whole, cut = adapter_tensors(uninterrupted), adapter_tensors(out)
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    rows, ref = csv_rows(out), csv_rows(uninterrupted)
+    assert [s for s, _ in losses(rows)] == list(range(12)) and losses(rows) == losses(ref)
+    assert losses(rows, "val/loss") == losses(ref, "val/loss")
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_restarts_from_step_0_with_resume(uninterrupted, tmp_path):
+    """SIGKILL in step 2, before the first (step-4) checkpoint: the dir holds the run's claim, config.yaml and
+    the metrics rows of steps 0-1, but no checkpoint. A plain relaunch is refused and says to use resume=true;
+    resume=true starts it again from step 0 (before: "nothing to resume") and ends equal to an uninterrupted
+    run, one metrics.csv. The temporary file of a save killed earlier (a dead pid's) is removed."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", HARD_KILL, "1", *SHORT, "logger=csv", f"paths.output_dir={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert not checkpoint_path(out).exists() and (out / "config.yaml").is_file()
+    assert [s for s, _ in losses(csv_rows(out))] == [0]
+    stale = checkpoint_path(out).with_name(f".last.ckpt.{_dead_pid()}.tmp")
+    stale.parent.mkdir()
+    stale.write_bytes(b"half a checkpoint")
+    with pytest.raises(ConfigError, match="interrupted before its first checkpoint: start it again from step 0 "
+                                          "with resume=true"):
+        run(cfg_for(out, "logger=csv"))
+    config = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"differs from the interrupted run's in optim\.lr; resume with the run's "
+                                          r"own values \(optim\.lr=0\.002; recorded in .*config\.yaml\)"):
+        run(cfg_for(out, "logger=csv", "resume=true", "optim.lr=0.1"))
+    assert (out / "config.yaml").read_text() == config   # the refused launch changed nothing
+
+    results = run(cfg_for(out, "logger=csv", "resume=true"))
+    assert results["train/steps"] == 12 and "train/resumed_from_step" not in results
+    assert not stale.exists() and [p.name for p in stale.parent.iterdir()] == ["last.ckpt"]
+    whole, cut = adapter_tensors(uninterrupted), adapter_tensors(out)
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+    rows, ref = csv_rows(out), csv_rows(uninterrupted)   # csv_rows: exactly one metrics.csv
+    assert losses(rows) == losses(ref) and losses(rows, "val/loss") == losses(ref, "val/loss")
+
+
+def test_remove_stale_temps_removes_only_those_of_dead_processes(tmp_path):
+    from comol.training.checkpointing import remove_stale_temps, temp_path
+
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    dead, live, own = temp_path(last, _dead_pid()), temp_path(last, os.getppid()), temp_path(last, os.getpid())
+    for p in (dead, live, own, last):
+        p.write_bytes(b"x")
+    assert remove_stale_temps(last) == [dead]
+    assert sorted(p.name for p in last.parent.iterdir()) == sorted(p.name for p in (live, own, last))
 
 
 @pytest.mark.slow
@@ -219,7 +294,7 @@ def test_resume_without_checkpoint_is_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_holds_adapter_tensors_only(uninterrupted):
-    ckpt = torch.load(checkpoint_path(uninterrupted), weights_only=False)
+    ckpt = torch.load(checkpoint_path(uninterrupted), weights_only=True)
     adapter = adapter_tensors(uninterrupted)
     assert len(ckpt["state_dict"]) == len(adapter) > 0
     from comol.adapters import is_adapter_name

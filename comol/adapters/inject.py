@@ -8,6 +8,7 @@ The config records the sha256 of the weights file (``weights_sha256``), checked 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -33,6 +34,16 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = "comol-adapter/1"
 SHA_KEY = "weights_sha256"
+#: limits on what an adapter dir may ask for (it is untrusted input): config size and nesting, the sizes of the
+#: backbone it names (a random-init backbone is built from them), the sizes of a generated dataset it names
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 32
+ARCH_CAPS = {"hidden_size": 65536, "num_layers": 1024, "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 4096,
+             "intermediate_size": 262144, "vocab_size": 1 << 21, "max_position_embeddings": 1 << 21}
+DATASET_CAPS = {"train_size": 10**6, "val_size": 10**6, "test_size": 10**6, "train_per_set": 10**6,
+                "val_per_set": 10**6, "test_per_set": 10**6, "max_operand": 10**9, "max_length": 1 << 21}
+#: the dtypes an adapter's tensors may have (floating point: an integer tensor is no trained adapter)
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 #: what must agree between the backbone an adapter was saved for and the one it is loaded on
 BACKBONE_KEYS = ("name", "family", "hub_id")
 ARCH_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
@@ -143,20 +154,59 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: Mappi
         raise
 
 
+def _depth(node: Any) -> int:
+    if isinstance(node, dict):
+        return 1 + max((_depth(v) for v in node.values()), default=0)
+    if isinstance(node, list):
+        return 1 + max((_depth(v) for v in node), default=0)
+    return 0
+
+
+def _check_bounded(path: Path, section: str, node: Any, caps: Mapping[str, int]) -> None:
+    """Integers of ``node`` named in ``caps`` must lie in 0..cap (what a saved adapter may ask to build)."""
+    if not isinstance(node, dict):
+        return
+    for key, cap in caps.items():
+        value = node.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= cap:
+            raise CheckpointError(f"{path}: {section}.{key}={value!r} is invalid: expected an integer in 0..{cap}")
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``adapter_config.json`` of a saved adapter directory."""
+    """Read and check ``adapter_config.json`` of a saved adapter directory: untrusted input, so one line naming the
+    file for anything that is not what ``save_adapter`` writes (size, encoding, nesting, format version, the
+    sizes it would have built)."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise CheckpointError(f"adapter directory {adapter_dir} does not exist")
     for fname in (CONFIG_FILE, WEIGHTS_FILE):
         if not (adapter_dir / fname).is_file():
             raise CheckpointError(f"{adapter_dir}: missing {fname} (a saved adapter holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    path = adapter_dir / CONFIG_FILE
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, more than an adapter config holds "
+                              f"(at most {MAX_CONFIG_BYTES})")
     try:
-        meta = json.loads((adapter_dir / CONFIG_FILE).read_text())
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}): not an adapter config") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply (an adapter config is at most {MAX_DEPTH} deep)") from None
+    if _depth(meta) > MAX_DEPTH:
+        raise CheckpointError(f"{path}: JSON nested too deeply (an adapter config is at most {MAX_DEPTH} deep)")
     if not isinstance(meta, dict) or not isinstance(meta.get("adapter"), dict):
-        raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: no 'adapter' section")
+        raise CheckpointError(f"{path}: no 'adapter' section")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} is not one this version reads (expected {FORMAT!r})")
+    base = meta.get("base_model")
+    if base is not None and not isinstance(base, dict):
+        raise CheckpointError(f"{path}: base_model is a {type(base).__name__}, expected the model config mapping")
+    _check_bounded(path, "base_model.arch", (base or {}).get("arch"), ARCH_CAPS)
+    _check_bounded(path, "dataset", meta.get("dataset"), DATASET_CAPS)
     return meta
 
 
@@ -177,6 +227,86 @@ def verify_adapter_weights(adapter_dir: str | os.PathLike, meta: Mapping[str, An
         raise CheckpointError(f"{adapter_dir / WEIGHTS_FILE}: sha256 does not match the {SHA_KEY} in {CONFIG_FILE} "
                               f"(the file is corrupt, truncated or was replaced)")
     return data
+
+
+def weights_header(adapter_dir: str | os.PathLike, data: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) from the safetensors header of the weights file's ``data`` (nothing allocated);
+    refuses a file that is not safetensors and tensors that are not floating point."""
+    path = Path(adapter_dir) / WEIGHTS_FILE
+    try:
+        n = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or n > min(len(data) - 8, MAX_CONFIG_BYTES * 16):
+            raise ValueError("header length")
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+        out = {name: (str(v["dtype"]), tuple(int(d) for d in v["shape"]))
+               for name, v in header.items() if name != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file") from None
+    for name, (dtype, _) in out.items():
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}: adapter tensors are floating point "
+                                  f"({', '.join(FLOAT_DTYPES)})")
+    return out
+
+
+def read_adapter_tensors(adapter_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None,
+                         expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, read only after every check: the checksum, the safetensors header (floating
+    point dtypes; when ``expected`` (name -> shape) is given, exactly those names and shapes, checked before any
+    tensor is read), finite values."""
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / WEIGHTS_FILE
+    data = verify_adapter_weights(adapter_dir, meta)
+    header = weights_header(adapter_dir, data)
+    if expected is not None:
+        check_tensor_shapes(path, {k: v[1] for k, v in header.items()}, expected, meta)
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values: not a usable adapter")
+    return tensors
+
+
+def check_tensor_shapes(path: Path, found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                        meta: Mapping[str, Any] | None = None) -> None:
+    """The weights file holds exactly the tensors (names, shapes) the adapter config builds on this backbone."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
+        name = ((meta or {}).get("base_model") or {}).get("name", "?")
+        raise CheckpointError(f"{path}: {what} for this adapter on this model (saved for another backbone? "
+                              f"it names {name!r})")
+    for name, shape in found.items():
+        if tuple(shape) != tuple(expected[name]):
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(shape)}, the adapter config on this model "
+                                  f"makes {tuple(expected[name])} (different backbone or adapter size?)")
+
+
+def meta_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the ``meta`` device: its modules and shapes, no
+    memory. An adapter injected into it shows the tensors it would allocate."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        twin = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
+    return copy.deepcopy(model, memo)
+
+
+def adapter_shapes(model: nn.Module, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
+    """name -> shape of the tensors ``cfg``'s adapter has on ``model``, found on a meta twin (nothing allocated)."""
+    twin = meta_twin(model)
+    inject_adapter(twin, cfg)
+    out: dict[str, tuple[int, ...]] = {}
+    seen: set[int] = set()
+    for name, t in twin.state_dict(keep_vars=True).items():   # the tensors themselves: shared ones once
+        if is_adapter_name(name) and id(t) not in seen:
+            seen.add(id(t))
+            out[name] = tuple(t.shape)
+    return out
 
 
 def backbone_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
@@ -210,28 +340,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bo
     """
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_config(adapter_dir)
-    data = verify_adapter_weights(adapter_dir, meta)
     try:
-        cfg = inject_adapter(model, meta["adapter"])
+        cfg = build_adapter_config(meta["adapter"])
+        # the tensors the config would allocate, on a meta twin: they must be the weights file's, checked
+        # before anything is allocated (an adapter_config.json with r=10**9 is refused here)
+        expected = adapter_shapes(model, cfg)
     except ComolError as e:
         raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: {e}") from None
-    try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{adapter_dir / WEIGHTS_FILE}: unreadable ({e})") from None
-    expected = adapter_state_dict(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
-        raise CheckpointError(f"{adapter_dir / WEIGHTS_FILE}: {what} for adapter {cfg.name!r} on this model "
-                              f"(saved for another backbone? it names {meta.get('base_model', {}).get('name', '?')!r})")
-    for name, t in tensors.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{adapter_dir / WEIGHTS_FILE}: tensor {name} has shape {tuple(t.shape)}, "
-                f"the model expects {tuple(expected[name].shape)} (different backbone or adapter size?)"
-            )
+    tensors = read_adapter_tensors(adapter_dir, meta, expected)
+    cfg = inject_adapter(model, cfg)
     model.load_state_dict(tensors, strict=False)
     set_trainable(model, trainable)
     return cfg

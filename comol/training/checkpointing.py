@@ -6,8 +6,10 @@ scheduler, loop position) plus, in this callback's state: the RNG states (dropou
 
 Saves happen at the *start* of a training batch, i.e. between optimizer steps, when nothing of the next
 step has run yet: every ``every_n_steps`` optimizer steps, when a signal arrived (signals.py), and once
-more when training ends. Each save is written to a temporary file, fsync'ed and renamed over the last
-one, so a kill at any moment leaves the previous checkpoint intact.
+more when training ends. Each save is written to a temporary file ``.last.ckpt.<pid>.tmp`` beside it
+(checkpoint_io.py: plain data only, fsync'ed), then renamed over the last one, so a kill at any moment
+leaves the previous checkpoint intact; the temporary file of a killed save is removed when the run (or its
+resume) starts again. A disk too full for the save stops the run with one line, the previous checkpoint kept.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 import numpy as np
 import torch
 
 from comol.errors import ComolError
+from comol.training.checkpoint_io import NO_SPACE, NoSpaceForCheckpoint, RunCheckpointIO, free_bytes
 from comol.training.signals import SignalCatcher
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,34 @@ class RunInterrupted(ComolError):
 
 def checkpoint_path(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / CKPT_DIR / LAST
+
+
+def temp_path(path: Path, pid: int) -> Path:
+    """Where process ``pid`` writes a checkpoint before renaming it to ``path``."""
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary files that killed saves left beside ``path``: those named for a process that no
+    longer runs (on this host; the run dir's claim lock, run_dir.py, keeps other live runs out). Returns them."""
+    stale = []
+    for p in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = p.name[len(path.name) + 2:-len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+            stale.append(p)
+            log.info("removed %s, left by a save that was killed", p)
+    return stale
 
 
 def auto_every_n_steps(trainer_cfg: dict) -> int:
@@ -99,6 +131,10 @@ class RunCheckpoint(L.Callback):
     # ---------------------------------------------------------------------------------------- hooks
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.signals.capture()  # before Lightning's own SIGTERM handler goes in (Trainer._run)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:   # before Lightning restores a checkpoint
+            trainer.strategy.checkpoint_io = RunCheckpointIO()
+        if trainer.is_global_zero:
+            remove_stale_temps(self.path)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.signals.install()  # after Lightning's: ours decide (Lightning restores the originals at the end)
@@ -111,6 +147,12 @@ class RunCheckpoint(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._restore is not None:   # first batch after a resume: continue the RNG streams exactly
             set_rng_states(self._restore["rng"])
+            logged = self._restore.get("logged_steps")
+            if logged is not None:
+                # Restarting from a save taken right after a validation, Lightning first runs an empty loop
+                # iteration (it skips the validation already done) that still counts one logged step: every
+                # metrics row would come one step late. The step counter of the loggers is the saved one.
+                trainer.fit_loop.epoch_loop._batches_that_stepped = int(logged)
             self._restore = None
         self._gs_at_start = trainer.global_step
         if not self._at_boundary:
@@ -158,11 +200,12 @@ class RunCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer, batch_idx: int | None) -> Path:
         self._state = {"global_step": trainer.global_step, "config": self.config, "rng": rng_states(),
                        "data": None if batch_idx is None else {"epoch": trainer.current_epoch, "batches": batch_idx},
-                       "loggers": logger_ids(trainer), "training_done": batch_idx is None}
+                       "loggers": logger_ids(trainer), "training_done": batch_idx is None,
+                       "logged_steps": trainer.fit_loop.epoch_loop._batches_that_stepped}
         for lg in trainer.loggers:   # what was logged so far is on disk together with the checkpoint
             lg.save()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{LAST}.{os.getpid()}.tmp")
+        tmp = temp_path(self.path, os.getpid())
         try:
             # collective under DDP (every rank calls it); only global rank 0 writes the file
             trainer.save_checkpoint(tmp, weights_only=False)
@@ -170,6 +213,15 @@ class RunCheckpoint(L.Callback):
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(tmp, self.path)
+        except NoSpaceForCheckpoint as e:
+            kept = f"the checkpoint of step {self._last_saved} is kept" if self._last_saved >= 0 else "no earlier checkpoint"
+            raise NoSpaceForCheckpoint(e.path, e.needed, e.free, f"at step {trainer.global_step}; {kept}: "
+                                       f"free some space, then continue with resume=true") from None
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
+            raise NoSpaceForCheckpoint(tmp, 0, free_bytes(self.path.parent), f"at step {trainer.global_step} "
+                                       f"({e.strerror}): free some space, then continue with resume=true") from None
         finally:
             tmp.unlink(missing_ok=True)
         self._last_saved = trainer.global_step

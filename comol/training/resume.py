@@ -14,13 +14,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
+from omegaconf import OmegaConf
 
 from comol.errors import ConfigError
 from comol.io_utils import atomic_write_text
 from comol.training.checkpointing import checkpoint_path
+from comol.training.plain_state import load_plain
 
 log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"   # the resolved config a job writes into its run dir when it starts
 
 # Keys (and key prefixes) that may differ between the interrupted run and its resumption.
 RESUME_SAFE = ("resume", "paths", "logger", "checkpoint", "divergence", "sweep", "tags", "run_name", "eval",
@@ -56,25 +59,72 @@ def wants_resume(cfg_resume: Any) -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
-def load_resume_state(out_dir: Path, current_cfg: dict) -> tuple[Path, dict]:
-    """(checkpoint path, this callback's saved state); a one-line ConfigError when it cannot resume."""
+def previous_run_config(out_dir: Path, current_cfg: dict) -> dict | None:
+    """The resolved config the run in ``out_dir`` started with (its ``config.yaml``), None when no run started
+    there. Read it before this job writes its own: when the run has no checkpoint (it will start again from step
+    0, see ``load_resume_state``), a ``current_cfg`` that differs from it is refused here, config.yaml untouched."""
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:  # noqa: BLE001 - yaml errors of many kinds
+        raise ConfigError(f"resume=true: {path} is unreadable ({type(e).__name__}): it should hold the resolved "
+                          f"config of the run in {out_dir}") from None
+    if not isinstance(node, dict):
+        raise ConfigError(f"resume=true: {path} holds no config mapping")
+    if not checkpoint_path(out_dir).is_file():
+        _refuse_other_config(path, node, current_cfg)
+    return node
+
+
+def _csv_version(current_cfg: dict) -> int | None:
+    """The newest CSV log version of the run (the one a restart continues), None when there is none."""
+    node = (current_cfg.get("logger") or {}).get("csv") or {}
+    if not isinstance(node, dict) or not node.get("save_dir"):
+        return None
+    root = Path(str(node["save_dir"])) / str(node.get("name") or "lightning_logs")
+    versions = [int(p.name[len("version_"):]) for p in root.glob("version_*") if p.name[len("version_"):].isdigit()]
+    return max(versions) if versions else None
+
+
+def load_resume_state(out_dir: Path, current_cfg: dict, previous_cfg: dict | None = None) -> tuple[Path | None, dict]:
+    """(checkpoint path, this callback's saved state); a one-line ConfigError when it cannot resume.
+
+    A run killed before its first checkpoint (``previous_cfg``: the config it started with) restarts from step 0:
+    (None, a state of step 0 whose loggers continue its CSV log, rows dropped)."""
     ckpt = checkpoint_path(out_dir)
     if not ckpt.is_file():
-        raise ConfigError(f"resume=true: {out_dir} has no {ckpt.relative_to(out_dir)}: nothing to resume "
-                          f"(hydra.run.dir must name the interrupted run's dir)")
-    try:
-        data = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"resume=true: {ckpt} is unreadable ({type(e).__name__}: {e})") from e
-    state = next((v for k, v in (data.get("callbacks") or {}).items() if k.startswith("RunCheckpoint")), None)
-    if not state:
+        if previous_cfg is None:
+            raise ConfigError(f"resume=true: {out_dir} has no {ckpt.relative_to(out_dir)}: nothing to resume (no run "
+                              f"started there; hydra.run.dir must name the interrupted run's dir)")
+        _refuse_other_config(out_dir / CONFIG_FILE, previous_cfg, current_cfg)
+        log.warning("resume=true: %s holds a run stopped before its first checkpoint: it starts again from step 0",
+                    out_dir)
+        version = _csv_version(current_cfg)
+        return None, {"global_step": 0, "loggers": {} if version is None else {"csv": version}}
+    data = load_plain(ckpt)   # weights_only=True: a checkpoint never runs code
+    callbacks = data.get("callbacks")
+    state = next((v for k, v in callbacks.items() if str(k).startswith("RunCheckpoint")), None) \
+        if isinstance(callbacks, dict) else None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) \
+            or not isinstance(state.get("global_step"), int):
         raise ConfigError(f"resume=true: {ckpt} holds no comol run state")
-    diff = config_differences(state["config"], current_cfg)
+    _refuse_other_config(ckpt, state["config"], current_cfg)
+    return ckpt, state
+
+
+def _refuse_other_config(source: Path, saved: dict, current: dict) -> None:
+    """A one-line ConfigError naming the keys where ``current`` differs from the run's ``saved`` config, with the
+    run's own values (.hydra/overrides.yaml is no guide: Hydra rewrote it for this very launch)."""
+    diff = config_differences(saved, current)
     if diff:
         shown = ", ".join(diff[:12]) + (f" (+{len(diff) - 12} more)" if len(diff) > 12 else "")
-        raise ConfigError(f"resume=true: the config differs from the checkpointed run's in {shown}; "
-                          f"resume with the run's own overrides ({out_dir}/.hydra/overrides.yaml)")
-    return ckpt, state
+        flat = _flatten(saved)
+        own = " ".join(f"{k}={flat[k] if k in flat else '(absent)'}" for k in diff[:6])
+        whose = "checkpointed" if source.suffix == ".ckpt" else "interrupted"
+        raise ConfigError(f"resume=true: the config differs from the {whose} run's in {shown}; resume with the run's "
+                          f"own values ({own}{' ...' if len(diff) > 6 else ''}; recorded in {source})")
 
 
 def logger_resume_kwargs(state: dict) -> dict[str, dict]:
