@@ -12,6 +12,7 @@ import torch
 from comol.config import compose
 from comol.io_utils import atomic_write_json
 from comol.pipeline import finite_results, run
+from comol.schema import validate_group
 from comol.tools.report import load_jobs
 from comol.training.checkpointing import checkpoint_path
 from comol.training.divergence import DivergenceError, DivergenceGuard, nonfinite_tensors
@@ -85,8 +86,9 @@ def test_stop_policy_names_step_and_loss():
 
 
 def test_bad_policy_is_config_error():
-    with pytest.raises(ValueError, match="divergence.policy='maybe' is invalid"):
-        DivergenceGuard("maybe", max_skips=10)
+    """Checked with every config value (comol/schema.py), before anything is built; the guard trusts it."""
+    with pytest.raises(ValueError, match="divergence.policy='maybe' is invalid: expected 'stop' or 'skip'"):
+        validate_group("divergence", {"policy": "maybe", "max_skips": 10})
 
 
 def test_results_json_is_always_valid_json(tmp_path):
