@@ -14,7 +14,7 @@ import pytest
 from comol import ROOT
 from comol.config import compose
 from comol.data.checks import check_row_lengths
-from comol.errors import CheckpointError, ComolError, ConfigError, DataError
+from comol.errors import CheckpointError, ConfigError, DataError
 from comol.eval.eval_checks import eval_backbone
 from comol.pipeline import run
 from comol.preflight import preflight
