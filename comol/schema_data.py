@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from comol.errors import ConfigError
 from comol.schema_base import Key, NonEmptyStr, NonNegInt, PosInt, Schema, Seed
@@ -63,6 +63,15 @@ class ToyMathDataset(DatasetCommon):
         return self.train_size
 
 
+class PinnedFile(Schema):
+    """A training file pinned by its git blob id (fetched once, verified)."""
+
+    url: NonEmptyStr = Key("where it is downloaded from")
+    git_blob: Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")] = Key("its git blob id", expected="40 hex digits")
+    env: NonEmptyStr | None = Key("the environment variable that overrides it", default=None)
+    local: NonEmptyStr | None = Key("a local copy used when present", default=None)
+
+
 class FilesDataset(DatasetCommon):
     """Training rows from a local .json/.jsonl file or a hub dataset id."""
 
@@ -71,6 +80,15 @@ class FilesDataset(DatasetCommon):
                                                                                   "dataset id")
     val: NonEmptyStr | None = Key("a validation file (null: no validation)", default=None)
     split: NonEmptyStr = Key("split name when train is a hub id", default="train")
+    pinned: PinnedFile | None = Key("the paper's file, used when train is 'pinned' (comol/data/pinned.py)",
+                                    default=None)
+    drop_val_rows: bool = Key("drop training rows equal to a validation row (logged)", default=False)
+
+    @model_validator(mode="after")
+    def _pinned_has_a_spec(self) -> "FilesDataset":
+        if self.train == "pinned" and self.pinned is None:
+            raise ConfigError("dataset.train='pinned' is invalid without dataset.pinned: expected a url and git_blob")
+        return self
 
 
 class EvalSplitDataset(DatasetCommon):

@@ -3,6 +3,7 @@ config values were checked already (comol/schema.py), these need the rows and th
 
 from __future__ import annotations
 
+from comol.data.clip import clip_row
 from comol.data.prompts import build_prompt
 from comol.errors import ConfigError
 
@@ -17,6 +18,7 @@ def check_row_lengths(rows: list[dict], tokenizer, max_length: int, split: str =
     line (returned)."""
     if not rows:
         return None
+    rows = [clip_row(r, max_length, tokenizer) for r in rows]   # a huge field is cut before tokenising
     prompts = [build_prompt(r) for r in rows]
     prompt_len = token_lengths(tokenizer, prompts)
     full_len = [n + 1 for n in token_lengths(tokenizer, [p + r["output"] for p, r in zip(prompts, rows)])]  # + EOS
