@@ -23,6 +23,7 @@ import os
 import sys
 from typing import Any, Literal, Mapping, get_args, get_type_hints
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import create_model, field_validator
@@ -223,12 +224,6 @@ _HOLDERS: dict[str, type[Schema]] = {}   # one tiny model per group, holding jus
 
 
 # ----------------------------------------------------------------------------------------------- Hydra callback
-
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover - Hydra is a dependency
-    Callback = object  # type: ignore[misc,assignment]
-
 
 def job_config(config: DictConfig) -> DictConfig:
     """The job's config as the task function will see it, from the config Hydra hands its callbacks before
