@@ -15,6 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from comol import CONF_DIR
+from comol.schema import describe_key
 
 GROUPS = (
     ("model", "backbone"),
@@ -27,20 +28,33 @@ GROUPS = (
     ("hydra/launcher", "where sweep jobs run"),
 )
 
+#: (key, example value) of the common keys; their help text and allowed values come from the schema
+#: (comol/schema.py ``describe_key``), so ``--help`` states the same ranges the checks enforce
 KEYS = (
-    ("mode=train|eval", "train: fit, save the adapter, evaluate | eval: score a saved adapter"),
-    ("adapter_path=DIR", "the saved adapter for mode=eval (results go to <its run>/evals/<task>_<time>)"),
-    ("seed=0", "training seed"),
-    ("adapter.r=16 adapter.num_experts=8", "adapter size (see conf/adapter/<name>.yaml)"),
-    ("dataset.train=FILE", "a .json/.jsonl training file (file-backed datasets: math14k, codealpaca20k)"),
-    ("dataset.max_length=N", "tokens per training row (prompt + answer)"),
-    ("trainer.max_steps=N trainer.max_epochs=N", "training length"),
-    ("optim.lr=2e-3 optim.warmup_steps=20", "optimizer"),
-    ("eval.limit=N", "score only the first N rows of each set (null: all)"),
-    ("select_best=val/loss", "keep the adapter of the best validation"),
-    ("hydra.run.dir=DIR", "where the run writes (must not hold another run)"),
-    ("sweep.id=ID", "a sweep launch's id (its dir and W&B group)"),
+    ("mode", "train|eval|base"),
+    ("adapter_path", "DIR"),
+    ("seed", "0"),
+    ("adapter.r", "16"),
+    ("adapter.num_experts", "8"),
+    ("dataset.train", "FILE"),
+    ("dataset.max_length", "N"),
+    ("trainer.max_steps", "N"),
+    ("optim.lr", "2e-3"),
+    ("optim.warmup_steps", "20"),
+    ("eval.limit", "N"),
+    ("select_best", "val/loss"),
+    ("resume", "true"),
+    ("sweep.id", "ID"),
 )
+#: keys that are Hydra's, not the run config's
+HYDRA_KEYS = (("hydra.run.dir=DIR", "where the run writes (must not hold another run)"),)
+
+
+def key_line(key: str, example: str, width: int = 118) -> str:
+    """``  key=example   help [allowed values]`` (the allowed values left out when they would not fit)."""
+    what, expected = describe_key(key)
+    line = f"  {key + '=' + example:30s} {what}"
+    return line if expected == what or len(line) + len(expected) + 3 > width else f"{line} [{expected}]"
 
 
 def group_options(group: str) -> list[str]:
@@ -89,9 +103,9 @@ def help_text() -> str:
     lines.append(f"  {'experiment':15s} a paper setting (model + data + adapter + recipe)")
     for e in experiment_options():
         lines.append(f"  {'':15s}   {e}")
-    lines += ["", "Common keys (key=value):"]
-    for key, what in KEYS:
-        lines.append(f"  {key:42s} {what}")
+    lines += ["", "Common keys (key=value [allowed values]; every key is checked before anything is built):"]
+    lines += [key_line(key, example) for key, example in KEYS]
+    lines += [f"  {key:30s} {what}" for key, what in HYDRA_KEYS]
     lines += ["", "More: README.md. The full composed config: python run.py [overrides] --cfg job.",
               "Hydra's own flags: python run.py --hydra-help."]
     return "\n".join(lines)

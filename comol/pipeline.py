@@ -28,6 +28,7 @@ from comol.models.progress import ProgressLog, StepProgressBar, on_terminal, qui
 from comol.models.wandb_logger import log_job_outputs
 from comol.preflight import preflight
 from comol.run_dir import claim_run_dir, release_run_dir
+from comol.schema import validate_config
 from comol.training.checkpointing import RunCheckpoint, auto_every_n_steps, checkpoint_path
 from comol.training.distributed import DistributedRun, is_global_zero
 from comol.training.divergence import DivergenceError, DivergenceGuard, nonfinite_tensors
@@ -121,11 +122,12 @@ def start_job(cfg: DictConfig, mode: str):
     """The start of every job: claim its dir, record the resolved config, check everything before any work.
     DDP ranks > 0 (started by Lightning's launcher with rank 0's run dir) neither claim nor write."""
     quiet_libraries()
+    validated = validate_config(cfg)   # every config value, before the dir is claimed or anything is built
     out_dir = Path(cfg.paths.output_dir)
     if is_global_zero():
         claim_run_dir(out_dir, resume=mode == "train" and wants_resume(cfg.get("resume")), mode=mode)
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    checked = preflight(cfg)
+    checked = preflight(cfg, validated=validated)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     return out_dir, checked
 

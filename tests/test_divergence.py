@@ -8,10 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+
+import comol.pipeline
 
 from comol.config import compose
 from comol.io_utils import atomic_write_json
 from comol.pipeline import finite_results, run
+from comol.schema import validate_group
 from comol.tools.report import load_jobs
 from comol.training.checkpointing import checkpoint_path
 from comol.training.divergence import DivergenceError, DivergenceGuard, nonfinite_tensors
@@ -21,7 +25,12 @@ MICRO = ["model.arch.hidden_size=64", "model.arch.num_layers=2", "model.arch.hea
          "dataset.train_size=32", "dataset.val_size=8", "eval=none", "logger=none", "adapter=lora"]
 
 
-def test_lr_1e30_stops_with_one_line_saves_nothing_and_keeps_a_finite_checkpoint(tmp_path):
+def test_lr_1e30_stops_with_one_line_saves_nothing_and_keeps_a_finite_checkpoint(tmp_path, monkeypatch):
+    # the schema refuses optim.lr > 1 before anything is built (tests/test_schema.py); to make a run diverge this
+    # one lr is let through, every other key still checked
+    checked = comol.pipeline.validate_config
+    monkeypatch.setattr(comol.pipeline, "validate_config",
+                        lambda cfg: checked(OmegaConf.merge(cfg, {"optim": {"lr": 1.0}})))
     cfg = compose([*MICRO, "optim.lr=1e30", "optim.warmup_steps=0", f"paths.output_dir={tmp_path}"])
     with pytest.raises(DivergenceError) as err:
         run(cfg)
@@ -85,8 +94,9 @@ def test_stop_policy_names_step_and_loss():
 
 
 def test_bad_policy_is_config_error():
-    with pytest.raises(ValueError, match="divergence.policy='maybe' is invalid"):
-        DivergenceGuard("maybe", max_skips=10)
+    """Checked with every config value (comol/schema.py), before anything is built; the guard trusts it."""
+    with pytest.raises(ValueError, match="divergence.policy='maybe' is invalid: expected 'stop' or 'skip'"):
+        validate_group("divergence", {"policy": "maybe", "max_skips": 10})
 
 
 def test_results_json_is_always_valid_json(tmp_path):

@@ -1,5 +1,6 @@
-"""Pre-flight: bad config values and data files are refused before the backbone is loaded (one line, key
-named); max_length cuts are counted; adapters carry a verified checksum and name their backbone."""
+"""Pre-run checks of what a job reads: bad data files are refused before the backbone is loaded (one line, file
+named); max_length cuts are counted; adapters carry a verified checksum and name their backbone. Config values
+are checked by the schema (tests/test_schema.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 
 from comol import ROOT
 from comol.config import compose
-from comol.errors import CheckpointError, ComolError, ConfigError, DataError
+from comol.data.checks import check_row_lengths
+from comol.errors import CheckpointError, ConfigError, DataError
+from comol.eval.eval_checks import eval_backbone
 from comol.pipeline import run
-from comol.preflight import check_row_lengths, eval_backbone, preflight
+from comol.preflight import preflight
 
 from conftest import fresh_micro_model, micro_model_cfg
 
@@ -25,30 +28,6 @@ NO_WEIGHTS = ["model=qwen3_8b", "logger=none"]
 
 def _run(tmp_path, *overrides):
     return run(compose([*overrides, f"paths.output_dir={tmp_path / 'run'}"]))
-
-
-@pytest.mark.parametrize("override,message", [
-    ("dataset.max_length=-5", "dataset.max_length=-5 is invalid: expected an integer >= 1"),
-    ("dataset.max_length=50000", "expected at most the model's context, model.arch.max_position_embeddings=40960"),
-    ("eval.limit=0", "eval.limit=0 is invalid: expected a positive integer"),
-    ("eval.limit=-3", "eval.limit=-3 is invalid"),
-    ("eval.limit=abc", "eval.limit='abc' is invalid"),
-    ("eval.max_new_tokens=0", "eval.max_new_tokens=0 is invalid"),
-    ("eval.decoding.num_samples=2", "eval.decoding.num_samples=2 is invalid with do_sample=false"),
-    ("trainer.max_steps=0", "trainer.max_steps=0 is invalid"),
-    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is invalid"),
-    ("optim.lr=-1", "optim.lr=-1 is invalid"),
-    ("optim.schedule=linear", "optim.schedule='linear' is invalid"),
-    ("dataset.batch_size=0", "dataset.batch_size=0 is invalid"),
-    ("adapter.r=0", "adapter.r=0 is invalid"),
-    ("dataset.train=/some/file.json", "to train on a file use dataset=math14k dataset.train=<file>"),
-    ("+dataset.val=/some/file.json", "dataset.val='/some/file.json' is not used by dataset=toy_math"),
-])
-def test_bad_value_is_refused_before_the_backbone(override, message, tmp_path):
-    with pytest.raises(ConfigError) as err:
-        _run(tmp_path, *NO_WEIGHTS, "dataset=toy_math", "eval=toy_math", override)
-    assert message in str(err.value) and "\n" not in str(err.value)
-    assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_bad_data_file_is_refused_before_the_backbone(tmp_path):
@@ -158,15 +137,3 @@ def test_seeded_eval_split_dataset_passes_preflight_and_trains(tmp_path):
     assert results["train/steps"] == 5 and (split / "split.json").is_file()
     sets = json.loads((split / "split.json").read_text())["sets"]
     assert len(sets) == 7 and all(f"eval/commonsense/{name}/acc" in results for name in sets)
-
-
-@pytest.mark.parametrize("override,message", [
-    ("dataset.train_per_set=0", "dataset.train_per_set=0 is invalid: expected an integer >= 1"),
-    ("dataset.test_per_set=-1", "dataset.test_per_set=-1 is invalid"),
-    ("dataset.source=eval_splits", "dataset.source='eval_splits' is invalid: expected 'toy_math' or 'files' or "
-                                   "'eval_split'"),
-])
-def test_bad_eval_split_value_is_refused_before_the_backbone(override, message, tmp_path):
-    with pytest.raises(ConfigError) as err:
-        _run(tmp_path, *NO_WEIGHTS, "dataset=real_commonsense", "eval=none", override)
-    assert message in str(err.value) and "\n" not in str(err.value)

@@ -51,8 +51,6 @@ def check_max_length(max_length: int, tokenizer) -> None:
     """``dataset.max_length`` must fit the backbone's context (``load_backbone`` copies the model's
     max_position_embeddings into ``tokenizer.model_max_length``)."""
     context = getattr(tokenizer, "model_max_length", None)
-    if max_length < 2:
-        raise ConfigError(f"dataset.max_length={max_length} is invalid: expected >= 2 (a prompt token and EOS)")
     if context and max_length > context:
         raise ConfigError(f"dataset.max_length={max_length} is invalid: the backbone's context length is {context}")
 
@@ -81,8 +79,6 @@ def dataset_splits(cfg: Mapping[str, Any]) -> dict[str, list[dict]]:
         return toy_math_splits(cfg["train_size"], cfg["val_size"], cfg.get("test_size", 0),
                                seed=cfg.get("data_seed", 0), max_operand=cfg.get("max_operand", 9))
     if source == "files":
-        if not cfg.get("train"):
-            raise ConfigError("dataset.train is missing: expected a .json/.jsonl path or a hub dataset id")
         out = {"train": load_rows(train_source(cfg), split=cfg.get("split", "train"))}
         out["val"] = load_rows(cfg["val"]) if cfg.get("val") else []
         if cfg.get("drop_val_rows") and out["val"]:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from comol.data.loading import check_rows, read_json_rows
-from comol.errors import ConfigError
 from comol.io_utils import atomic_write_json
 
 
@@ -25,15 +24,8 @@ def _key(row: Mapping[str, Any]) -> tuple[str, str]:
 
 def eval_split(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``{"train": rows, "val": rows, "held_out": {set: rows}}``; writes the split when ``split_dir`` is set."""
-    sets = dict(cfg.get("sets") or {})
-    if not sets:
-        raise ConfigError("dataset.sets is missing: expected {set name: file} for source=eval_split")
-    sizes = {}
-    for key in ("train_per_set", "val_per_set", "test_per_set"):
-        value = cfg.get(key, 0)
-        if not isinstance(value, int) or value < 0:
-            raise ConfigError(f"dataset.{key}={value!r} is invalid: expected an integer >= 0")
-        sizes[key] = value
+    sets = dict(cfg.get("sets") or {})   # a checked dataset node (comol/schema_data.py)
+    sizes = {key: int(cfg.get(key, 0)) for key in ("train_per_set", "val_per_set", "test_per_set")}
     seed = int(cfg.get("data_seed", 0))
     data_dir = Path(str(cfg.get("data_dir") or "."))
     train, val, held_out, manifest = [], [], {}, {"data_seed": seed, **sizes, "sets": {}}

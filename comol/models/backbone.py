@@ -21,12 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Pretr
 from comol.errors import ConfigError, ModelNotFoundError
 from comol.models.gguf import convert_gguf, gguf_source
 from comol.models.tokenizer import offline_tokenizer
+from comol.schema_groups import check_model
 
 log = logging.getLogger(__name__)
 
 FAMILIES: dict[str, type[PretrainedConfig]] = {"qwen3": Qwen3Config, "llama": LlamaConfig}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ARCH_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size")
 
 
 def _get(cfg: Mapping[str, Any], key: str, default=None):
@@ -34,20 +34,13 @@ def _get(cfg: Mapping[str, Any], key: str, default=None):
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"model.dtype={name!r} is invalid: expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return DTYPES[name]   # a checked model node names one of them (comol/schema_groups.py)
 
 
 def hf_config(model_cfg: Mapping[str, Any], vocab_size: int | None = None) -> PretrainedConfig:
     """A transformers config built from the model YAML's ``family`` and ``arch`` block."""
-    family = _get(model_cfg, "family")
-    if family not in FAMILIES:
-        raise ConfigError(f"model.family={family!r} is invalid: expected one of {', '.join(FAMILIES)}")
+    family = check_model(model_cfg).family   # one line naming model.<key> when a value is invalid
     arch = _get(model_cfg, "arch") or {}
-    for key in ARCH_KEYS:
-        if key != "vocab_size" and not _get(arch, key):
-            raise ConfigError(f"model.arch.{key} is missing: expected a positive integer")
     vocab = _get(arch, "vocab_size") or vocab_size
     if not vocab:
         raise ConfigError("model.arch.vocab_size is missing: expected a positive integer")
@@ -164,6 +157,7 @@ def _from_pretrained(auto_cls, model_cfg: Mapping[str, Any], source: str, **kwar
 
 def load_backbone(model_cfg: Mapping[str, Any], device: str | torch.device = "cpu"):
     """Return ``(model, tokenizer)`` for a model YAML node."""
+    check_model(model_cfg)
     source = None if is_random_init(model_cfg) else weights_source(model_cfg)
     tok = load_tokenizer(model_cfg, None if _get(model_cfg, "tokenizer") else source)
     dtype = torch_dtype(_get(model_cfg, "dtype", "float32"))

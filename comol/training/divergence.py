@@ -9,10 +9,9 @@ import math
 import lightning as L
 import torch
 
-from comol.errors import ComolError, config_check
+from comol.errors import ComolError
 
 log = logging.getLogger(__name__)
-POLICIES = ("stop", "skip")
 
 
 class DivergenceError(ComolError):
@@ -30,8 +29,7 @@ def nonfinite_tensors(named) -> list[str]:
 
 class DivergenceGuard(L.Callback):
     def __init__(self, policy: str, max_skips: int, lr=None):
-        config_check(policy in POLICIES, "divergence.policy", policy, f"one of {POLICIES}")
-        config_check(int(max_skips) >= 0, "divergence.max_skips", max_skips, "an integer >= 0")
+        """``policy`` and ``max_skips``: the checked ``divergence`` group (comol/schema_groups.py)."""
         self.policy, self.max_skips, self.lr = policy, int(max_skips), lr
         self.skipped = 0
         self._bad_loss: float | None = None
