@@ -18,15 +18,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from comol.errors import CheckpointError, ConfigError, config_check
+from comol.eval.tasks import TOY_SOURCE, EvalTask, build_task
 
 log = logging.getLogger(__name__)
 
-TASKS = ("math", "commonsense", "code", "none")
 SCHEDULES = ("constant", "cosine")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = {"32", "32-true", "16", "16-mixed", "16-true", "bf16", "bf16-mixed", "bf16-true", "64", "64-true",
               "transformer-engine", "transformer-engine-float16"}
-TOY_SOURCE = "toy_math"
 SPLIT_SOURCE = "eval_split"
 SOURCES = (TOY_SOURCE, "files", SPLIT_SOURCE)   # the sources comol.data.datamodule reads
 FILE_PRESETS = "dataset=math14k dataset.train=<file> (or dataset=codealpaca20k)"
@@ -39,9 +38,14 @@ class Checked:
     model_cfg: dict
     tokenizer: Any
     splits: dict[str, list[dict]] = field(default_factory=dict)    # training rows per split (+ toy 'test')
-    eval_rows: dict[str, list[dict]] = field(default_factory=dict)  # evaluation rows per set (non-code sets)
+    task: EvalTask | None = None                                     # the eval task, its rows read and checked
     adapter_meta: dict | None = None                                 # mode=eval: adapter_config.json
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def eval_rows(self) -> dict[str, list[dict]]:
+        """Evaluation rows per set (as the task holds them)."""
+        return dict(self.task.rows or {}) if self.task is not None else {}
 
 
 def _plain(node: Any) -> Any:
@@ -154,61 +158,17 @@ def check_dataset(ds: Mapping[str, Any], context: int | None) -> None:
     check_bool("dataset.train_on_prompt", ds.get("train_on_prompt", True))
 
 
-def check_eval(ev: Mapping[str, Any], context: int | None, tokenizer=None) -> None:
-    from comol.eval.generate import decoding_config
-
-    task = ev.get("task", "none")
-    config_check(task in TASKS, "eval.task", task, "one of " + ", ".join(TASKS))
-    limit = ev.get("limit")
-    config_check(limit is None or _is_int(limit) and limit >= 1, "eval.limit", limit,
-                 "a positive integer (rows per set) or null (all rows)")
-    if task == "none" or not ev.get("sets"):
-        return
-    check_int("eval.batch_size", ev.get("batch_size", 16))
-    check_int("eval.max_new_tokens", ev.get("max_new_tokens"))
-    if context is not None and ev["max_new_tokens"] >= context:
-        raise ConfigError(f"eval.max_new_tokens={ev['max_new_tokens']} is invalid: expected less than the model's "
-                          f"context, model.arch.max_position_embeddings={context}")
-    dec = ev.get("decoding") or {}
-    check_bool("eval.decoding.do_sample", dec.get("do_sample", False))
-    check_int("eval.decoding.num_samples", dec.get("num_samples", 1))
-    if dec.get("do_sample"):
-        check_positive("eval.decoding.temperature", dec.get("temperature", 1.0))
-        top_p = dec.get("top_p", 1.0)
-        config_check(_is_num(top_p) and 0 < top_p <= 1, "eval.decoding.top_p", top_p, "a number in (0, 1]")
-    decoding_config(dec, int(ev["max_new_tokens"]), tokenizer)
-    if task == "code":
-        ks = ev.get("ks", [1])
-        config_check(isinstance(ks, (list, tuple)) and ks and all(_is_int(k) and k >= 1 for k in ks), "eval.ks", ks,
-                     "a list of positive integers")
-        check_positive("eval.timeout", ev.get("timeout", 3.0))
-        check_int("eval.workers", ev.get("workers", 4))
-        check_int("eval.memory_mb", ev.get("memory_mb", 1024))
-        style = ev.get("prompt_style", "raw")
-        config_check(style in ("raw", "alpaca"), "eval.prompt_style", style, "raw or alpaca")
-
-
-def load_eval_sets(ev: Mapping[str, Any], has_toy: bool) -> dict[str, list[dict]]:
-    """Read and check every evaluation file now (HumanEval: its presence; the sandbox reads it)."""
-    from comol.eval.eval_files import load_eval_rows
-    from comol.eval.runner import set_path
-
-    rows: dict[str, list[dict]] = {}
-    if ev.get("task", "none") == "none":
-        return rows
-    for name, source in dict(ev.get("sets") or {}).items():
-        source = str(source)
-        if source == TOY_SOURCE:
-            if not has_toy:
-                raise ConfigError(f"eval.sets.{name}=toy_math needs dataset=toy_math (its held-out test split)")
-            continue
-        path = set_path(source, ev)
-        if ev.get("task") == "code":
-            if not path.is_file():
-                raise ConfigError(f"eval.sets.{name}: evaluation file {path} does not exist")
-            continue
-        rows[name] = load_eval_rows(path)
-    return rows
+def held_out_rows(ds: Mapping[str, Any], splits: Mapping[str, Any]) -> dict[str, list[dict]]:
+    """Evaluation rows this job already holds, keyed as an eval task looks them up: ``toy_math`` (the generated
+    test split) and, for a seeded split, the path each set's held-out rows are written to (eval=real_commonsense
+    names those files): the rows go to the task in memory, never read back from disk."""
+    out: dict[str, list[dict]] = {}
+    if "test" in splits:
+        out[TOY_SOURCE] = splits["test"]
+    if ds.get("source") == SPLIT_SOURCE and ds.get("split_dir"):
+        for name, rows in (splits.get("held_out") or {}).items():
+            out[str(Path(str(ds["split_dir"])) / f"{name}.json")] = rows
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- lengths
@@ -312,14 +272,15 @@ def preflight(cfg: DictConfig | Mapping[str, Any], model_given: bool | None = No
         ds = trained_on if trained_on.get("source") == TOY_SOURCE else ds
     if mode == "train" or ds.get("source") == TOY_SOURCE:
         check_dataset(ds, context if mode == "train" else None)
-    check_eval(c["eval"], context)
+    task = build_task(c["eval"], c.get("plugins"))   # the eval.* keys, checked by the task's config class
+    task.check(context)
     has_toy = ds.get("source") == TOY_SOURCE
     splits: dict[str, list[dict]] = {}   # first: a seeded eval split writes the held-out rows evaluation reads
     if mode in ("train", "base"):
         splits = dataset_splits(ds)
     elif has_toy:
         splits = {"test": dataset_splits(ds).get("test", [])}
-    eval_rows = load_eval_sets(c["eval"], has_toy)
+    task.load_rows(held_out_rows(ds, splits))   # every set read and checked now, kept by the task
     tokenizer = load_tokenizer(model_cfg)
 
     warnings = []
@@ -328,18 +289,14 @@ def preflight(cfg: DictConfig | Mapping[str, Any], model_given: bool | None = No
             w = check_row_lengths(splits.get(split) or [], tokenizer, ds["max_length"], split)
             if w:
                 warnings.append(w)
-    if context is not None and c["eval"].get("task", "none") not in ("none", "code"):
-        from comol.data.prompts import build_prompt
-
-        sets = {**eval_rows, **({"toy_math": splits.get("test") or []} if has_toy else {})}
-        limit = c["eval"].get("limit")
-        for name, rows in sets.items():
-            lens = _lengths(tokenizer, [build_prompt(r) for r in rows[:limit]])
-            over = sum(n + c["eval"]["max_new_tokens"] > context for n in lens)
+    if context is not None and task.active:
+        for name, rows in task.rows.items():
+            lens = _lengths(tokenizer, [task.prompt(r) for r in rows])
+            over = sum(n + task.cfg.max_new_tokens > context for n in lens)
             if over:
                 warnings.append(f"eval set {name}: {over} of {len(lens)} prompts + eval.max_new_tokens="
-                                f"{c['eval']['max_new_tokens']} exceed the model's context ({context} tokens)")
+                                f"{task.cfg.max_new_tokens} exceed the model's context ({context} tokens)")
     for w in warnings:
         log.warning(w)
-    return Checked(model_cfg=model_cfg, tokenizer=tokenizer, splits=splits, eval_rows=eval_rows, adapter_meta=meta,
+    return Checked(model_cfg=model_cfg, tokenizer=tokenizer, task=task, splits=splits, adapter_meta=meta,
                    warnings=warnings)

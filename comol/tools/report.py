@@ -32,9 +32,9 @@ from typing import Any, Sequence
 
 import yaml
 
+from comol.eval.tasks import load_plugins, split_metric_key, task_class
+
 AXES = (("N", "adapter.num_experts"), ("r", "adapter.r"))   # swept hyperparameters that become row keys
-METRIC_RE = re.compile(r"^eval/(?P<task>[^/]+)/(?P<set>[^/]+)/(?P<metric>acc|acc_robust|pass@\d+)$")
-MEAN_RE = re.compile(r"^eval/(?P<task>[^/]+)/mean_acc$")
 
 
 @dataclass
@@ -73,7 +73,8 @@ def _job_info(cfg: Any) -> dict:
 
     method = get("method") or get("adapter.name")
     info = {"method": str(method) if method is not None else "?", "model": get("model.name"), "seed": get("seed"),
-            "eval_sets": list((get("eval.sets") or {}).keys()), "adapter": get("adapter.name")}
+            "eval_sets": list((get("eval.sets") or {}).keys()), "adapter": get("adapter.name"),
+            "plugins": get("plugins") or []}
     for label, key in AXES:
         info[label] = get(key)
     return info
@@ -275,18 +276,26 @@ def _ordered_metric_keys(records: list[JobRecord]) -> list[tuple[str, str]]:
     """(results key, label) of every metric column, in the eval config's set order."""
     found: "OrderedDict[str, dict]" = OrderedDict()   # task -> {"sets": [...], "mean": bool, "robust": [...], "pass": {set: [k]}}
     set_order: dict[str, int] = {}
+    new = lambda: {"sets": [], "mean": False, "robust": [], "pass": OrderedDict(), "other": [], "summary": []}  # noqa: E731
     for r in records:
+        load_plugins(r.info.get("plugins"))   # a job's plug-in tasks declare their metric names too
         for i, s in enumerate(r.info.get("eval_sets") or []):
             set_order.setdefault(s, i)
     for r in records:
         if r.status != "ok":
             continue
         for key in r.results:
-            m, mm = METRIC_RE.match(key), MEAN_RE.match(key)
-            if mm:
-                found.setdefault(mm["task"], {"sets": [], "mean": False, "robust": [], "pass": OrderedDict()})["mean"] = True
-            elif m:
-                t = found.setdefault(m["task"], {"sets": [], "mean": False, "robust": [], "pass": OrderedDict()})
+            m = split_metric_key(key)   # (task, set or None, metric) of a metric the task declares
+            if m is None:
+                continue
+            t = found.setdefault(m[0], new())
+            m = {"task": m[0], "set": m[1], "metric": m[2]}
+            if m["set"] is None:
+                if m["metric"] == "mean_acc":
+                    t["mean"] = True
+                elif m["metric"] not in t["summary"]:
+                    t["summary"].append(m["metric"])
+            else:
                 if m["metric"] == "acc" and m["set"] not in t["sets"]:
                     t["sets"].append(m["set"])
                 elif m["metric"] == "acc_robust" and m["set"] not in t["robust"]:
@@ -296,6 +305,9 @@ def _ordered_metric_keys(records: list[JobRecord]) -> list[tuple[str, str]]:
                     k = int(m["metric"][5:])
                     if k not in ks:
                         ks.append(k)
+                elif m["metric"] not in ("acc", "acc_robust") and not m["metric"].startswith("pass@") \
+                        and (m["set"], m["metric"]) not in t["other"]:
+                    t["other"].append((m["set"], m["metric"]))
     out = []
     for task, t in found.items():
         for s in sorted(t["sets"], key=lambda s: (set_order.get(s, 1 << 20), s)):
@@ -307,6 +319,10 @@ def _ordered_metric_keys(records: list[JobRecord]) -> list[tuple[str, str]]:
                 out.append((f"eval/{task}/{s}/pass@{k}", f"pass@{k}" if len(t["pass"]) == 1 else f"{s} pass@{k}"))
         for s in t["robust"]:
             out.append((f"eval/{task}/{s}/acc_robust", f"{s} (robust)"))
+        for s, metric in sorted(t["other"], key=lambda sm: (set_order.get(sm[0], 1 << 20), sm)):
+            out.append((f"eval/{task}/{s}/{metric}", f"{s} {metric}"))
+        for metric in t["summary"]:
+            out.append((f"eval/{task}/{metric}", f"{task} {metric}"))
     return out
 
 
@@ -454,7 +470,12 @@ def jobs_csv(t: Table) -> str:
 
 def _headline(t: Table, model: str | None) -> Column | None:
     cols = [c for c in t.columns if c.model == model]
-    for pick in (lambda c: c.key.endswith("/mean_acc"), lambda c: c.key.endswith("/pass@1"), lambda c: True):
+
+    def primary(c: Column) -> bool:   # the column of its task's primary metric
+        m = split_metric_key(c.key)
+        return m is not None and m[2] == task_class(m[0]).primary_metric
+
+    for pick in (primary, lambda c: True):
         hit = [c for c in cols if pick(c) and not c.key.endswith("acc_robust")]
         if hit:
             return hit[0]
@@ -465,6 +486,8 @@ def _metric_label(col: Column) -> str:
     parts = col.key.split("/")          # eval/<task>/mean_acc | eval/<task>/<set>/<metric>
     if parts[-1] == "mean_acc":
         return f"{parts[1]} mean accuracy (%)"
+    if len(parts) == 3:
+        return f"{parts[1]} {parts[2]} (%)"
     return f"{parts[2]} {parts[3]} (%)" if len(parts) == 4 else f"{col.label} (%)"
 
 
