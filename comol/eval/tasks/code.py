@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from comol.data.prompts import build_prompt
 from comol.errors import ConfigError, config_check
 from comol.eval.eval_files import load_humaneval
-from comol.eval.execute import SAMPLES_SUFFIX, check_confinement, sample_rows, score_samples
+from comol.eval.code.samples import SAMPLES_SUFFIX, check_confinement, sample_rows, score_samples
 from comol.eval.generate import generate_responses
 from comol.eval.tasks.base import EvalConfig, EvalTask, register_task
 from comol.io_utils import atomic_write_jsonl
