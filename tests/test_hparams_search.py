@@ -18,7 +18,7 @@ pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the `sweeps` e
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=900)
+                          timeout=1800)
 
 
 @pytest.mark.slow
@@ -28,7 +28,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 ])
 def test_optuna_lr_r_search_runs_and_optimises_the_objective(tmp_path, eval_preset, direction, metric):
     proc = _run("hparams_search=optuna_lr_r", "hydra.sweeper.n_trials=2", "trainer=debug", f"eval={eval_preset}",
-                "eval.limit=4", "logger=none", "dataset.train_size=32", "dataset.val_size=8",
+                "eval.limit=2", "eval.max_new_tokens=4", "logger=none", "dataset.train_size=32", "dataset.val_size=8",
                 f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
