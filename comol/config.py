@@ -4,11 +4,15 @@ group option (e.g. an adapter preset) on its own."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from comol import CONF_DIR, ROOT, in_checkout
+from comol.adapter_presets import PRESET_KEYS, adapter_run_name, register_adapter_defaults
 from comol.errors import ConfigError
 from comol.eval.eval_files import default_data_dir
 
@@ -19,11 +23,28 @@ def project_root() -> str:
     return str(ROOT if in_checkout() else Path.cwd())
 
 
+def wandb_group(group: str | None, *, _root_: DictConfig) -> str | None:
+    """``logger.wandb.group``: ``sweep.group`` when a sweep preset set it, else, in a multirun
+    (``python run.py -m ...``), the name of its dir (``hydra.sweep.dir``): every job of a launch in one
+    W&B group. A single run stays ungrouped."""
+    if group:
+        return group
+    hydra = _root_.get("hydra") if "hydra" in _root_ else (HydraConfig.get() if HydraConfig.initialized() else None)
+    if hydra is None or hydra.get("mode") != RunMode.MULTIRUN:
+        return None
+    return Path(str(hydra.sweep.dir)).name
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("comol_wandb_group"):
+        OmegaConf.register_new_resolver("comol_wandb_group", wandb_group)
     if not OmegaConf.has_resolver("comol_root"):
         OmegaConf.register_new_resolver("comol_root", project_root)
     if not OmegaConf.has_resolver("comol_data_dir"):  # $COMOL_DATA_DIR, else the bundled data/
         OmegaConf.register_new_resolver("comol_data_dir", lambda: str(default_data_dir()))
+    if not OmegaConf.has_resolver("comol_adapter_run_name"):  # the adapter preset's run-name stem, filled in
+        OmegaConf.register_new_resolver("comol_adapter_run_name", adapter_run_name)
+    register_adapter_defaults()  # conf/adapter presets build on adapter/dataclass_<name> (ConfigStore)
 
 
 register_resolvers()
@@ -45,6 +66,9 @@ def group_option(group: str, option: str) -> DictConfig:
     group and ``_self_``) merged in Hydra's order. Unlike :func:`compose` it needs no Hydra instance, so it
     also works inside a running ``run.py`` job."""
     path = CONF_DIR / group / f"{option}.yaml"
+    stored = None if path.is_file() else ConfigStore.instance().repo.get(group, {}).get(f"{option}.yaml")
+    if stored is not None:  # a node registered in code (the adapter dataclass defaults)
+        return OmegaConf.create(OmegaConf.to_container(stored.node))
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
         raise ConfigError(f"{group}={option!r} has no file {path}; known: {known}")
@@ -53,3 +77,12 @@ def group_option(group: str, option: str) -> DictConfig:
     if "_self_" not in parts:
         parts.append("_self_")
     return OmegaConf.merge(*(own if part == "_self_" else group_option(group, part) for part in parts))
+
+
+def adapter_preset(name: str, overrides: Mapping[str, Any] = ()) -> dict[str, Any]:
+    """The hyperparameters stated by ``conf/adapter/<name>.yaml`` (its ``defaults:`` merged, without ``name``,
+    ``label`` and ``run_name``), ``overrides`` merged over them. Fields it leaves out take the dataclass
+    defaults when the config is built."""
+    node = OmegaConf.merge(group_option("adapter", name), dict(overrides))
+    values = OmegaConf.to_container(node, resolve=True)
+    return {k: v for k, v in values.items() if k != "name" and k not in PRESET_KEYS}

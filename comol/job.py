@@ -34,6 +34,7 @@ from comol.eval.tasks import EvalTask, build_task, load_plugins, task_class
 from comol.io_utils import atomic_write_json, atomic_write_text, nonfinite_keys, nonfinite_to_none
 from comol.models import load_backbone
 from comol.models.lit_module import AdapterLM
+from comol.models.wandb_logger import log_job_outputs
 from comol.preflight import Checked, preflight
 from comol.run_dir import claim_run_dir
 from comol.training.best_adapter import BestAdapterKeeper
@@ -323,11 +324,15 @@ class Job:
                 results.update(trained)
                 if cfg.get("save_adapter", True):
                     self.save(model)
+            loads: dict = {}
             metrics = evaluate_task(task, model, tokenizer, out_dir,
-                                    routing_stats=bool(cfg.routing_stats) and self.mode != "base")
+                                    routing_stats=bool(cfg.routing_stats) and self.mode != "base", routing_loads=loads)
             results.update(metrics)
             loggers.log_metrics(metrics, step=step)
             loggers.summarize(results, task)
+            saved = self.mode == "train" and cfg.get("save_adapter", True)
+            log_job_outputs(loggers.loggers, out_dir, step, routing_loads=loads,
+                            adapter_dir=out_dir / "adapter" if saved else None)
             results = write_results(out_dir, results, task.name)
             loggers.failed = results.get("status") == "failed"
             return results

@@ -6,19 +6,32 @@ the explicit unconfined mode in tests/test_sandbox_unconfined.py.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
 import pytest
 
+from comol.eval.code.confinement import confinement_problem
 from comol.eval.code.humaneval import build_program, evaluate_humaneval, whole_program
 from comol.eval.code.sandbox import ExecResult, SplitProgram, describe_sandbox, evaluate_programs, run_program
 from comol.eval.eval_files import humaneval_file, load_humaneval, require_data_dir
 
 SANDBOX = describe_sandbox()
-if SANDBOX["problem"]:
-    pytest.fail(f"these tests need OS confinement: {SANDBOX['problem']}", pytrace=False)
 CONFINE = [True, False]  # OS confinement, and the explicit unconfined mode
+#: tests that run no sandbox at all
+NO_SANDBOX = {"test_build_program_layout", "test_bad_arguments", "test_exit_status_classification"}
+
+
+@pytest.fixture(autouse=True)
+def needs_confinement(request):
+    """A machine that cannot confine (no bwrap, no user namespaces, macOS) skips the confined tests
+    one by one, naming why (tests/test_sandbox_unconfined.py::test_bwrap_is_installed fails there);
+    the unconfined variants and the tests that run nothing still run."""
+    callspec = getattr(request.node, "callspec", None)
+    unconfined = callspec is not None and callspec.params.get("confine") is False
+    if SANDBOX["problem"] and not unconfined and request.node.originalname not in NO_SANDBOX:
+        pytest.skip(f"needs OS confinement, unavailable here: {SANDBOX['problem']}")
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +194,28 @@ def test_exit_status_classification():
     assert _classify(-signal.SIGXCPU, False, 3.0, "", False)[0] == "timeout"
     assert _classify(128 + signal.SIGKILL, False, 3.0, "", False) == ("error", "killed by SIGKILL")
     assert _classify(3, False, 3.0, "boom", False) == ("error", "sandbox setup failed: boom")
+
+
+@pytest.mark.slow
+def test_an_interpreter_under_tmp_runs_confined():
+    """A venv under /tmp (or a node-local $TMPDIR): the sandbox's private /tmp used to be mounted over
+    it, so bwrap could not find the interpreter and execution was refused."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="comol-venv-", dir="/tmp")
+    try:
+        venv = os.path.join(folder, "venv")
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=300)
+        python = os.path.join(venv, "bin", "python")
+        assert confinement_problem(python) is None, confinement_problem(python)
+        res = run_program(f"import sys\nassert sys.prefix == {venv!r}, sys.prefix\n", python=python, timeout=10.0)
+        assert res.status == "passed", res
+        # the venv's own files are readable inside, and the private /tmp still takes writes
+        res = run_program("import os\nopen('/tmp/x', 'w').write('x')\n"
+                          f"assert os.path.isfile({os.path.join(venv, 'pyvenv.cfg')!r})\n", python=python)
+        assert res.status == "passed", res
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,5 +1,5 @@
 """Config groups: each entry's values reach the composed config and the objects built from it, and every
-value is written once (adapter YAML vs dataclass, experiment presets vs the groups they pick)."""
+value is written once (adapter YAML vs its dataclass defaults, experiment presets vs the groups they pick)."""
 
 import dataclasses
 
@@ -9,8 +9,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from comol import CONF_DIR
-from comol.adapters import adapter_config_class, build_adapter_config, registered_adapters
-from comol.config import compose, group_option
+from comol.adapter_presets import DEFAULTS_OPTION, adapter_run_name, adapter_values
+from comol.adapters import PAPER_TARGETS, PRESET_KEYS, adapter_config_class, build_adapter_config, registered_adapters
+from comol.config import adapter_preset, compose, group_option
 from comol.data import dataset_splits
 from comol.models import build_meta_model
 
@@ -59,43 +60,79 @@ def test_adapter_entries_reach_the_built_config(entry):
     node = resolved_adapter(entry)
     cfg = build_adapter_config(node)
     assert cfg.name == node["name"] and type(cfg) is adapter_config_class(node["name"])
+    fields = {f.name for f in dataclasses.fields(type(cfg))}
+    assert set(node) == fields | {"name", *PRESET_KEYS}  # every field reaches the composed node (and overrides)
     for key, value in node.items():
-        if key == "name":
+        if key in ("name", *PRESET_KEYS):
             continue
-        if value is None:  # null means "derived": 1/N for thresholds
+        if value is None and key == "alpha":  # null: alpha = r, so the scaling is 1
+            assert cfg.alpha == cfg.r and cfg.scaling == 1.0
+        elif value is None:  # null means "derived": 1/N for thresholds
             assert getattr(cfg, key) == pytest.approx(1.0 / node["num_experts"]), key
         else:
             assert getattr(cfg, key) == value, key
-    if "alpha" in node:  # the papers: alpha = r, so the scaling is 1
-        assert cfg.alpha == cfg.r and cfg.scaling == 1.0
 
 
-def test_adapter_values_are_written_once():
-    """The dataclasses hold no defaults: every field is set by the adapter's YAML, and only there."""
+def test_adapter_dataclasses_have_a_default_for_every_field():
+    """A plain ``XConfig()`` is the method's published setting: no field is required."""
     for name in registered_adapters():
         cls = adapter_config_class(name)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        with_default = [f.name for f in dataclasses.fields(cls)
-                        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
-        assert not with_default, f"{cls.__name__} restates defaults of conf/adapter/{name}.yaml: {with_default}"
-        stated = set(group_option("adapter", name)) - {"name"}  # == the composed node (test above)
-        assert stated == fields, f"conf/adapter/{name}.yaml: missing {fields - stated}, unknown {stated - fields}"
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        assert not missing, f"{cls.__name__}: no default for {missing}"
+        assert cls().name == name
 
 
 @pytest.mark.parametrize("entry", entries("adapter"))
-def test_adapter_variants_state_only_their_deltas(entry):
-    """An adapter YAML built on another (``defaults: [comol]``) repeats none of its values."""
+def test_adapter_presets_state_only_what_differs_from_the_dataclass(entry):
+    """conf/adapter/<entry>.yaml writes a label, a run-name stem and only the fields whose value differs from
+    what it builds on (the dataclass defaults, via ``dataclass_<name>``, or the preset in its defaults list)."""
     own = yaml.safe_load((CONF_DIR / "adapter" / f"{entry}.yaml").read_text())
-    for base in [d for d in own.pop("defaults", []) if d != "_self_"]:
-        base_values = OmegaConf.to_container(group_option("adapter", base), resolve=False)
-        repeated = [k for k, v in own.items() if base_values.get(k) == v]
-        assert not repeated, f"conf/adapter/{entry}.yaml repeats {repeated} of {base}.yaml"
+    bases = [d for d in own.pop("defaults") if d != "_self_"]
+    assert len(bases) == 1, f"{entry}: builds on exactly one node, got {bases}"
+    inherited = OmegaConf.to_container(group_option("adapter", bases[0]), resolve=False)
+    name = own.get("name", inherited.get("name"))
+    if bases[0].startswith("dataclass_"):
+        assert bases[0] == DEFAULTS_OPTION.format(name=name) and "label" in own and "run_name" in own
+    fields = {f.name for f in dataclasses.fields(adapter_config_class(name))}
+    unknown = set(own) - fields - {"name", *PRESET_KEYS}
+    assert not unknown, f"conf/adapter/{entry}.yaml: {unknown} are not fields of {name}"
+    repeated = [k for k, v in own.items() if k in fields and inherited.get(k) == v]
+    assert not repeated, f"conf/adapter/{entry}.yaml restates {repeated} of {bases[0]}"
+    node = compose([f"adapter={entry}"]).adapter
+    assert node.label and adapter_run_name(node).startswith(entry.removesuffix("_n4"))
 
 
-def test_partial_adapter_values_are_completed_from_the_yaml():
+def test_partial_adapter_values_are_completed_from_the_dataclass():
     cfg = build_adapter_config({"name": "lora", "r": 4})
-    assert (cfg.r, cfg.alpha, cfg.dropout) == (4, 4, 0.1)  # alpha follows r: `alpha: ${.r}` resolves after merging
-    assert cfg.target_modules == resolved_adapter("lora")["target_modules"]
+    assert (cfg.r, cfg.alpha, cfg.dropout) == (4, 4, 0.1)  # alpha follows r (alpha: null)
+    assert cfg.target_modules == list(PAPER_TARGETS) == resolved_adapter("lora")["target_modules"]
+    assert build_adapter_config({"name": "lora", "label": "x", "run_name": "y"}) == adapter_config_class("lora")()
+
+
+def test_adapter_preset_reads_the_yaml_in_the_config_layer():
+    assert adapter_preset("comol_nocr", {"r": 4})["core_router"] is False
+    values = adapter_values(compose(["adapter=molora_n4", "adapter.r=4"]).adapter)
+    assert (values["num_experts"], values["r"], values["alpha"]) == (4, 4, 4)
+
+
+@pytest.mark.parametrize("entry,overrides,stem", [
+    ("comol", [], "comol-r16-N8"), ("comol_nocr", ["adapter.num_experts=32"], "comol_nocr-r16-N32"),
+    ("flylora", [], "flylora-r32-k8"), ("lora", ["adapter.r=64"], "lora-r64"), ("sparsemoa", [], "sparsemoa-r8-a16"),
+    ("adamole_n4", [], "adamole-r8-N4"), ("comol_n4", [], "comol-r16-N4"),
+])
+def test_label_and_run_name_come_from_the_adapter_preset(entry, overrides, stem):
+    cfg = compose(["experiment=math14k/qwen3_8b", f"adapter={entry}", *overrides, "seed=125"])
+    assert cfg.run_name == f"{stem}-qwen3_8b-s125"
+    assert cfg.method == yaml.safe_load((CONF_DIR / "adapter" / f"{entry}.yaml").read_text()).get(
+        "label", cfg.adapter.label)
+
+
+def test_a_run_name_naming_an_unknown_field_is_one_line():
+    from comol.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"adapter.run_name='lora-k\{top_k\}' names 'top_k'"):
+        adapter_run_name({"name": "lora", "run_name": "lora-k{top_k}"})
 
 
 def _group_choices(preset_path):

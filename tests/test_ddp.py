@@ -153,7 +153,7 @@ def test_negative_controls_rank_local_statistics_break_the_equality(monkeypatch)
     """Without summing over ranks (FlyLoRA counts, MoLA balancing statistics) the same comparison fails:
     the test above can fail. (The forked ranks inherit the patches.)"""
     import comol.adapters.flylora as flylora
-    import comol.adapters.routing as routing
+    import comol.adapters.gating as routing
 
     one, _, _ = _fit(ADAPTERS["flylora"], devices=1)
     monkeypatch.setattr(flylora, "dist", _NoDist)
@@ -207,7 +207,7 @@ def test_global_order_sampler_splits_each_one_process_batch_over_ranks(world):
 def test_local_aux_loss_differs_from_global_so_the_mola_check_can_fail():
     """The Switch loss of each half-batch differs from that of the whole batch (it is not linear),
     so without the global-batch statistics the DDP value above would not match."""
-    from comol.adapters.routing import load_balancing_loss
+    from comol.adapters.gating import load_balancing_loss
 
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(8, 4, generator=g), -1)

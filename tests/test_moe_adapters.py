@@ -17,7 +17,7 @@ from conftest import fresh_micro_model
 from comol.adapters import adapter_context, build_adapter_config, inject_adapter
 from comol.adapters.base import AdapterLinear, aux_loss
 from comol.adapters.merge import merge_adapter, unmerge_adapter
-from comol.adapters.routing import load_balancing_loss
+from comol.adapters.gating import load_balancing_loss
 from comol.data import collate_left, encode_example, generate_toy_math
 from comol.errors import ComolError, ConfigError
 from comol.models.lit_module import AdapterLM
@@ -507,8 +507,9 @@ def test_aux_loss_gradients_survive_gradient_checkpointing():
         if checkpointing:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lit = AdapterLM(m, {"lr": 1e-3}, aux_loss_coeff=0.5)
-        out = lit(batch)
-        (out.loss + 0.5 * aux_loss(m)).backward()
+        out = lit(batch)  # out.loss = LM loss + 0.5 x aux: the objective is the model's
+        torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * aux_loss(m))
+        out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:

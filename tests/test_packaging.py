@@ -6,10 +6,25 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from comol import ROOT
+
+
+def see_these_site_packages(py) -> None:
+    """``--system-site-packages`` gives a new venv the BASE interpreter's packages; when this one is
+    itself a venv (its dependencies in its own site-packages), the new venv also needs those: a
+    ``.pth`` file lists this interpreter's site-packages folders (plain folders: their own .pth
+    files, e.g. an editable comol, are not processed, and the checkout is not among them, so comol
+    still comes from the wheel). A conda env or a plain interpreter needs nothing."""
+    if sys.prefix == sys.base_prefix:
+        return
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    outer = [p for p in sys.path if os.path.basename(p.rstrip("/")) in ("site-packages", "dist-packages")]
+    (Path(purelib) / "comol-test-outer-venv.pth").write_text("".join(p + "\n" for p in outer))
 
 
 @pytest.mark.slow
@@ -25,7 +40,8 @@ def test_wheel_carries_the_config_tree_and_runs_from_elsewhere(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True,
+    see_these_site_packages(py)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)], check=True,
                    capture_output=True, timeout=600)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
+import struct
 import secrets
 import shutil
 import socket
@@ -21,13 +23,20 @@ import pytest
 
 pytestmark = pytest.mark.slow  # ~90 sandboxed runs: the full table runs in CI (-m slow)
 
-from comol.eval.code.confinement import LAUNCHER, interpreter_paths
+from comol.eval.code import confinement
+from comol.eval.code.confinement import LAUNCHER, SECCOMP_ARCHES, interpreter_paths
 from comol.eval.code.humaneval import build_program, whole_program
 from comol.eval.code.sandbox import SplitProgram, describe_sandbox, run_program
 
 SANDBOX = describe_sandbox()
-if SANDBOX["problem"]:
-    pytest.fail(f"the hostile-completion tests need OS confinement: {SANDBOX['problem']}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def needs_confinement(request):
+    """A machine that cannot confine skips these one by one, naming why (the unconfined controls
+    still run); tests/test_sandbox_unconfined.py::test_bwrap_is_installed fails there."""
+    if SANDBOX["problem"] and request.node.originalname != "test_attacks_work_unconfined":
+        pytest.skip(f"needs OS confinement, unavailable here: {SANDBOX['problem']}")
 
 REPO = Path(__file__).resolve().parents[1]
 HOME = Path(os.path.expanduser("~"))
@@ -41,6 +50,7 @@ def _try(attack: str) -> str:
 
 
 LIBC = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+CLONE_NR = SECCOMP_ARCHES.get(platform.machine(), (0, {"clone": -1}))[1]["clone"]
 
 #: id -> program template; fields: {marker} (unique per run), {repo}, {home}, {secret_dir},
 #: {secret_name}, {port}, {pid} (the evaluator's pid). Attacks that "succeed" only inside the
@@ -82,6 +92,18 @@ CASES = {
     "kill-parent": _try("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nok = True"),
     "ctypes-kill-evaluator": _try(LIBC + "ok = libc.kill({pid}, 9) == 0"),
     "ctypes-kill-all": _try(LIBC + "ok = libc.kill(-1, 9) == 0"),
+    # ---- capabilities back through a nested user namespace (then mount a tmpfs)
+    "nested-userns": _try(LIBC + "ok = libc.unshare(0x10000000) == 0"),
+    "nested-userns-caps": _try(LIBC + "libc.unshare(0x10000000)\n"
+                               "cap = [l for l in open('/proc/self/status') if l.startswith('CapEff')][0]\n"
+                               "ok = int(cap.split()[1], 16) != 0"),
+    "nested-userns-mount": _try(LIBC + "import os\nos.makedirs('/tmp/{marker}', exist_ok=True)\n"
+                                "libc.unshare(0x10000000 | 0x20000)\n"
+                                "ok = libc.mount(b'none', b'/tmp/{marker}', b'tmpfs', 0, None) == 0"),
+    "nested-userns-clone": _try(LIBC + "pid = libc.syscall({clone_nr}, 0x10000000 | 17, 0, 0, 0, 0)\n"
+                                "if pid == 0:\n    libc._exit(0)\nok = pid > 0"),
+    "nested-userns-setns": _try(LIBC + "import os\nfd = os.open('/proc/self/ns/user', os.O_RDONLY)\n"
+                                "ok = libc.setns(fd, 0) == 0"),
     # ---- network
     "socket-connect": _try("import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
                            "ok = True"),
@@ -195,7 +217,7 @@ def test_hostile_completion_is_contained(case, mode, secrets_on_disk, listener):
         pytest.skip("a non-root caller owns the file itself: the case is about dropping root")
     marker = f"comol-hostile-{secrets.token_hex(6)}"
     program = CASES[case].format(marker=marker, repo=REPO, home=HOME, port=listener.getsockname()[1],
-                                 pid=os.getpid(), **secrets_on_disk)
+                                 pid=os.getpid(), clone_nr=CLONE_NR, **secrets_on_disk)
     timeout = SLOW_TIMEOUT.get(case, 5.0)
     start = time.monotonic()
     if mode == "split":
@@ -213,13 +235,14 @@ def test_hostile_completion_is_contained(case, mode, secrets_on_disk, listener):
 
 def test_the_sandbox_is_what_the_docs_say():
     """Seen from inside: own PID, network, IPC, UTS and mount namespaces, no_new_privs, no
-    capabilities, a throw-away uid (root callers), the hostname, and a 16 MiB /tmp and /dev/shm."""
+    capabilities, a seccomp filter, a throw-away uid (root callers), the hostname, and a 16 MiB /tmp and /dev/shm."""
     probe = (
         "import os, sys\n"
         "status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)\n"
         "ns = {n: os.readlink(f'/proc/self/ns/{n}') for n in ('pid', 'net', 'ipc', 'uts', 'mnt')}\n"
         "vfs = {d: os.statvfs(d).f_blocks * os.statvfs(d).f_frsize for d in ('/tmp', '/dev/shm')}\n"
         "print(repr({'ns': ns, 'nnp': status['NoNewPrivs'].strip(), 'cap': status['CapEff'].strip(),\n"
+        "            'seccomp': status['Seccomp'].strip(),\n"
         "            'uid': os.getuid(), 'host': os.uname().nodename, 'size': vfs}), file=sys.stderr)\n"
         "assert False\n"
     )
@@ -231,9 +254,22 @@ def test_the_sandbox_is_what_the_docs_say():
     for name, link in seen["ns"].items():
         assert link != os.readlink(f"/proc/self/ns/{name}"), name    # not the evaluator's namespace
     assert seen["nnp"] == "1" and int(seen["cap"], 16) == 0 and seen["host"] == "sandbox"
+    assert seen["seccomp"] == "2"   # a filter is loaded (SECCOMP_MODE_FILTER)
     assert seen["size"] == {"/tmp": 16 * 2**20, "/dev/shm": 16 * 2**20}
     if ROOT:
         assert seen["uid"] >= 2_000_000_000
+
+
+@pytest.mark.parametrize("case", ["nested-userns", "nested-userns-caps", "nested-userns-mount",
+                                  "nested-userns-clone"])
+def test_nested_user_namespaces_work_without_the_seccomp_filter(case, monkeypatch):
+    """Control of the nested-userns cases: with an allow-everything filter in place of the sandbox's,
+    the same programs DO pass (the kernel lets the throw-away uid create a user namespace, get all
+    capabilities in it and mount a tmpfs), so the filter is what stops them in the table above."""
+    monkeypatch.setattr(confinement, "seccomp_program", lambda machine=None: struct.pack("=HBBI", 0x06, 0, 0, 0x7FFF0000))
+    program = CASES[case].format(marker=f"comol-hostile-{secrets.token_hex(6)}", clone_nr=CLONE_NR)
+    res = run_program(program, timeout=5.0, guard=False)
+    assert res.status == "passed", res
 
 
 def test_the_in_process_guard_refuses_what_the_os_would_allow():
@@ -279,7 +315,7 @@ def test_attacks_work_unconfined(case, secrets_on_disk, listener):
     if not ROOT and case in ("read-etc-shadow", "read-0600-in-0700-dir-mounted"):
         pytest.skip("reading root's files needs a root caller")
     program = CASES[case].format(marker="m", repo=REPO, home=HOME, port=listener.getsockname()[1],
-                                 pid=os.getpid(), **secrets_on_disk)
+                                 pid=os.getpid(), clone_nr=CLONE_NR, **secrets_on_disk)
     res = run_program(program, timeout=5.0, guard=False, confine=False)
     if case == "ctypes-exit-0":
         assert res.status == "error" and "before its checks finished" in res.detail, res
@@ -291,6 +327,80 @@ def test_attacks_work_unconfined(case, secrets_on_disk, listener):
 
 ADD = {"prompt": "def add(a, b):\n", "entry_point": "add",
        "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(2, 2) == 4\n"}
+
+#: How a completion can look for the checks in its own process (issue 18: the frame walk forged
+#: 141 of 164 HumanEval problems and the memory scan 130 while the checks were read before the fork).
+_FORGER_HEAD = '''    _args = tuple(dict(locals()).values())
+    import ast, gc, sys
+    def _answers(text):
+        out = []
+        try:
+            nodes = list(ast.walk(ast.parse(text)))
+        except Exception:
+            nodes = []
+            for line in text.splitlines():
+                try:
+                    nodes += list(ast.walk(ast.parse(line.strip())))
+                except Exception:
+                    pass
+        for node in nodes:
+            if isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare) and \\
+                    isinstance(node.test.left, ast.Call) and isinstance(node.test.ops[0], ast.Eq):
+                try:
+                    out.append((tuple(ast.literal_eval(a) for a in node.test.left.args),
+                                ast.literal_eval(node.test.comparators[0])))
+                except Exception:
+                    pass
+        return out
+    _texts = []
+'''
+_CHECKS_SOURCES = {
+    "frames": '''    def _collect(v, depth=0):
+        if isinstance(v, str) and 'assert' in v:
+            _texts.append(v)
+        elif isinstance(v, dict) and depth < 4:
+            for w in list(v.values()):
+                _collect(w, depth + 1)
+        elif isinstance(v, (list, tuple)) and depth < 4:
+            for w in v:
+                _collect(w, depth + 1)
+    _f = sys._getframe()
+    while _f is not None:
+        _collect(dict(_f.f_locals))
+        _collect(dict(_f.f_globals))
+        _f = _f.f_back
+''',
+    "gc": '''    for _o in gc.get_objects():
+        if isinstance(_o, dict):
+            for _v in list(_o.values()):
+                if isinstance(_v, str) and 'assert' in _v:
+                    _texts.append(_v)
+''',
+    "memory": '''    import ctypes, re
+    for _line in open('/proc/self/maps').read().splitlines():
+        _parts = _line.split()
+        if 'r' not in _parts[1] or (len(_parts) > 5 and _parts[5].startswith('[v')):
+            continue
+        _lo, _hi = (int(x, 16) for x in _parts[0].split('-'))
+        if _hi - _lo > 2**28:
+            continue
+        _data = ctypes.string_at(_lo, _hi - _lo)
+        for _hit in re.finditer(rb'assert [^\\n\\x00]{0,2000}', _data):
+            _texts.append(_hit.group().decode('utf-8', 'replace'))
+''',
+}
+_FORGER_TAIL = '''    for _t in _texts:
+        for _got, _want in _answers(_t):
+            if _got == _args:
+                return _want
+    return None
+'''
+def checks_forger(where: str) -> str:
+    """A completion body with no task knowledge: it looks for the checks' source ``where`` (its
+    frames' locals and globals, every dict ``gc`` knows, or its own readable memory through ``ctypes``), parses
+    the ``assert candidate(<args>) == <literal>`` lines and returns the literal for its arguments."""
+    return _FORGER_HEAD + _CHECKS_SOURCES[where] + _FORGER_TAIL
+
 
 #: Completions of ``add`` that answer wrongly and try to forge a pass from inside the program's
 #: process instead: each would pass if it reached the token, the result pipe or the checks.
@@ -321,6 +431,9 @@ FORGERIES = {
     "eq-always-true-global": "    return ANY\nclass Any:\n    def __eq__(self, other):\n        return True\nANY = Any()\n",
     "kill-the-checks": "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n    return -999\n",
     "exit-0": "    import ctypes\n    ctypes.CDLL(None)._exit(0)\n",
+    "checks-frame-walk": checks_forger("frames"),
+    "checks-gc-walk": checks_forger("gc"),
+    "checks-memory-scan": checks_forger("memory"),
 }
 
 
@@ -345,3 +458,37 @@ def test_split_sample_right_and_wrong_answers():
     assert run_program(build_program(ADD, "    return a - b\n")).status == "failed"
     assert run_program(build_program(ADD, "    raise ValueError('no')\n")).status == "error"
     assert run_program(build_program(ADD, "    return [a + b]\n")).status == "failed"
+
+
+def _checks_in_the_program(split: SplitProgram) -> SplitProgram:
+    """The control: the same sample with a copy of its checks' source in the program's globals, as
+    a completion process that held the checks (a fork after they were read) would have it."""
+    return SplitProgram(program=split.program + f"\n_CHECKS_COPY = {split.checks!r}\n", checks=split.checks,
+                        entry_point=split.entry_point)
+
+
+@pytest.mark.parametrize("where", list(_CHECKS_SOURCES))
+def test_the_checks_forgers_work_when_the_checks_are_in_the_completions_process(where):
+    """Control of the three checks-* forgeries: they DO pass when the checks' source is anywhere in
+    the completion's process, so their failing in the table above proves the process holds none."""
+    assert run_program(_checks_in_the_program(build_program(ADD, checks_forger(where))), timeout=5.0,
+                       guard=False).status == "passed"
+
+
+def test_no_humaneval_problem_can_be_forged_from_the_checks_source():
+    """The checks forgers on all 164 HumanEval problems as they are scored (split): none passes.
+    Control: with a copy of the checks in the completion's process, the same completions pass most."""
+    from comol.eval.code.sandbox import evaluate_programs
+    from comol.eval.eval_files import humaneval_file, load_humaneval
+
+    problems = load_humaneval(humaneval_file())
+    counts = {}
+    for where in _CHECKS_SOURCES:
+        for name, make in (("split", build_program),
+                           ("control", lambda p, c: _checks_in_the_program(build_program(p, c)))):
+            jobs = [(p["task_id"], make(p, checks_forger(where))) for p in problems]
+            res = evaluate_programs(jobs, workers=4, timeout=10.0, progress=False)
+            counts[(where, name)] = sum(r.passed for r in res.values())
+    print("forged passes of 164:", counts)
+    assert {k: v for k, v in counts.items() if k[1] == "split"} == {(w, "split"): 0 for w in _CHECKS_SOURCES}
+    assert min(v for k, v in counts.items() if k[1] == "control") > 100

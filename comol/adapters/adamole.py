@@ -25,7 +25,7 @@ from torch import nn
 
 from comol.adapters.base import register_adapter
 from comol.adapters.molora import MoELoraLinear, MoLoRAConfig
-from comol.adapters.routing import fp32_linear, load_balancing_loss, renormalise, router_probs
+from comol.adapters.gating import fp32_linear, load_balancing_loss, renormalise, router_probs
 from comol.errors import config_check
 
 
@@ -34,7 +34,9 @@ from comol.errors import config_check
 class AdaMoleConfig(MoLoRAConfig):
     """Mixture of LoRA experts with an input-dependent threshold tau(x) = tau_max·sigmoid(w·x + b)."""
 
-    tau_max: float | None = field(metadata={"help": "maximum threshold, in (0, 1]; null = 1/N"})
+    aux_loss_coeff: float = field(
+        default=1e-3, metadata={"help": "weight of the summed load-balancing loss in the model's loss"})
+    tau_max: float | None = field(default=None, metadata={"help": "maximum threshold, in (0, 1]; null = 1/N"})
 
     def validate(self) -> None:
         super().validate()

@@ -47,14 +47,21 @@ def adapter_config_class(name: str) -> type["AdapterConfig"]:
     return _REGISTRY[name]
 
 
-def build_adapter_config(values: Mapping[str, Any]) -> "AdapterConfig":
-    """Turn the ``adapter`` config node (a mapping with ``name``) into a validated config object.
+#: keys an adapter preset may carry besides the fields: the method's label in reports and the stem of
+#: its run names. They describe a preset, not the adapter, so building the config sets them aside.
+PRESET_KEYS = ("label", "run_name")
 
-    The config dataclasses hold no default values: fields missing from ``values`` come from the
-    adapter's preset ``conf/adapter/<name>.yaml`` (the one place the paper settings are written),
-    with ``values`` merged over it before interpolations such as ``alpha: ${.r}`` are resolved.
+#: the projections the papers adapt: attention q/k/v/o and the MLP down projection
+PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+
+
+def build_adapter_config(values: Mapping[str, Any]) -> "AdapterConfig":
+    """Turn a mapping with ``name`` (e.g. the ``adapter`` node of a run config) into a validated config.
+
+    Fields left out take the dataclass defaults (each method's published settings); ``label`` and
+    ``run_name`` (``PRESET_KEYS``) are ignored. Plain Python: no config tree is read.
     """
-    values = dict(values)
+    values = {k: v for k, v in dict(values).items() if k not in PRESET_KEYS}
     if "name" not in values:
         raise ConfigError("adapter.name is missing: expected one of " + ", ".join(registered_adapters()))
     cls = adapter_config_class(values.pop("name"))
@@ -64,21 +71,18 @@ def build_adapter_config(values: Mapping[str, Any]) -> "AdapterConfig":
         raise ConfigError(
             f"adapter.{unknown[0]} is not a field of adapter {cls.name!r}; known fields: {', '.join(sorted(known))}"
         )
-    if known - set(values):
-        values = adapter_preset(cls.name, values)
     return cls(**values)
 
 
-def adapter_preset(name: str, overrides: Mapping[str, Any] = ()) -> dict[str, Any]:
-    """The field values of ``conf/adapter/<name>.yaml`` (without ``name``), ``overrides`` merged over it."""
-    from omegaconf import OmegaConf
-
-    from comol.config import group_option
-
-    node = OmegaConf.merge(group_option("adapter", name), dict(overrides))
-    values = OmegaConf.to_container(node, resolve=True)
-    values.pop("name", None)
-    return values
+def adapter_defaults(cls: type["AdapterConfig"]) -> dict[str, Any]:
+    """The default value of every field of an adapter config class (before ``__post_init__`` derives any)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def is_adapter_name(param_name: str) -> bool:
@@ -90,17 +94,19 @@ def is_adapter_name(param_name: str) -> bool:
 class AdapterConfig:
     """Fields common to every adapter. Subclasses add their hyperparameters (with ``help`` metadata).
 
-    No field has a default: the values live once, in ``conf/adapter/<name>.yaml`` (see
-    ``build_adapter_config``, which fills what a caller leaves out from there)."""
+    Every field has a default: each method's published setting, so ``CoMoLConfig()`` is the paper's
+    CoMoL. The presets ``conf/adapter/<name>.yaml`` state only what differs (plus a label and run name)."""
 
     name: ClassVar[str] = ""
     #: True for adapters whose update is a function of the token (cannot be merged into W).
     token_routed: ClassVar[bool] = False
 
     target_modules: list[str] = field(
+        default_factory=lambda: list(PAPER_TARGETS),
         metadata={"help": "names (last path component) of the nn.Linear modules to adapt"},
     )
-    aux_loss_coeff: float = field(metadata={"help": "weight of the summed auxiliary routing loss (0 disables it)"})
+    aux_loss_coeff: float = field(
+        default=0.0, metadata={"help": "weight of the summed auxiliary routing loss in the model's loss (0: none)"})
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
@@ -138,15 +144,15 @@ class AdapterConfig:
 class LowRankConfig(AdapterConfig):
     """Adapters with a LoRA-style rank, alpha/r scaling and input dropout."""
 
-    r: int = field(metadata={"help": "rank of the low-rank update (per expert where relevant)"})
-    alpha: float | None = field(metadata={"help": "scaling numerator: s = alpha / r (null: alpha = r)"})
-    dropout: float = field(metadata={"help": "dropout on the adapter input x"})
+    r: int = field(default=8, metadata={"help": "rank of the low-rank update (per expert where relevant)"})
+    alpha: float | None = field(default=None, metadata={"help": "scaling numerator: s = alpha / r (null: alpha = r)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter input x"})
 
     def __post_init__(self) -> None:
         config_check(isinstance(self.r, int) and self.r > 0, "adapter.r", self.r, "an integer > 0")
         config_check(0.0 <= self.dropout < 1.0, "adapter.dropout", self.dropout, "a probability in [0, 1)")
         if self.alpha is None:
-            self.alpha = float(self.r)
+            self.alpha = self.r
         config_check(self.alpha > 0, "adapter.alpha", self.alpha, "a number > 0")
         super().__post_init__()
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from comol.adapters.base import (TOKEN_ROUTED, AdapterLinear, LowRankConfig, NoWeightDelta, kaiming_uniform_,
                                  register_adapter)
+from comol.adapters.gating import router_probs
 from comol.errors import config_check
 
 MIXING_FORMS = ("auto", "output", "merged")
@@ -39,14 +40,15 @@ class CoMoLConfig(LowRankConfig):
 
     token_routed = True
 
-    num_experts: int = field(metadata={"help": "number N of r x r core experts"})
+    r: int = field(default=16, metadata={"help": "rank r of the shared A/B and of the r x r cores"})
+    num_experts: int = field(default=8, metadata={"help": "number N of r x r core experts"})
     core_router: bool = field(
-        metadata={"help": "route on z = A·Drop(x) (True, CoMoL) or on x (False, 'CoMoL w/o CR')"}
+        default=True, metadata={"help": "route on z = A·Drop(x) (True, CoMoL) or on x (False, 'CoMoL w/o CR')"}
     )
     core_dropout: float = field(
-        metadata={"help": "extra element-wise dropout on each token's merged r x r core (official code)"}
+        default=0.0, metadata={"help": "extra element-wise dropout on each token's merged r x r core (official code)"}
     )
-    mixing: str = field(metadata={"help": "auto | output | merged (see module docstring)"})
+    mixing: str = field(default="auto", metadata={"help": "auto | output | merged (see module docstring)"})
 
     def validate(self) -> None:
         config_check(isinstance(self.num_experts, int) and self.num_experts >= 1,
@@ -95,9 +97,7 @@ class CoMoLLinear(AdapterLinear):
 
     def gates(self, router_input: torch.Tensor) -> torch.Tensor:
         """Dense softmax routing weights [..., N], computed in fp32 (autocast off)."""
-        with torch.autocast(router_input.device.type, enabled=False):
-            logits = F.linear(router_input.float(), self.adapter_router.weight.float())
-            return torch.softmax(logits, dim=-1)
+        return router_probs(router_input, self.adapter_router.weight)
 
     def mix(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """sum_i g_i M_i z for token rows z [T, r] and gates g [T, N] -> [T, r]."""

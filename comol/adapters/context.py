@@ -11,9 +11,16 @@ to it (``bind_context``) and talk to it only:
 * ``first_call(layer)``: False when a layer runs again inside one forward scope (gradient
   checkpointing re-runs layers during backward), so nothing is counted twice;
 * ``on_optimizer_step(fn)``: state kept outside the optimizer (FlyLoRA's routing bias) is updated
-  once per optimizer step, through ``attach_optimizer(optimizer)`` (a torch step post-hook): the
-  same call for Lightning (``AdapterLM.configure_optimizers``), a plain loop, TRL, DDP;
+  once per optimizer step. Nobody has to wire it: the first training forward registers a torch
+  global optimizer step post-hook that runs the updates after each ``step()`` of any optimizer
+  holding this model's trainable tensors (a plain loop, HF Trainer, TRL, Lightning, DDP alike).
+  ``attach_optimizer(optimizer)`` ties them to one optimizer explicitly instead;
 * ``routing``: routing statistics accumulated on the device (comol/adapters/routing_stats.py).
+
+The training objective lives in the model's output: a forward hook on the top-level model adds
+``aux_loss_coeff x aux`` to ``outputs.loss`` whenever the caller passed labels (as transformers'
+MoE models do with ``router_aux_loss_coef``), and exposes the parts as ``outputs.lm_loss`` and
+``outputs.aux_loss``. So every trainer that reads ``outputs.loss`` optimises the same objective.
 
 So an adapted model driven by any loop behaves exactly as under the LightningModule, with no
 module-global state. Every hook is kept as a handle; ``remove()`` takes them all off.
@@ -22,11 +29,12 @@ module-global state. Every hook is kept as a handle; ``remove()`` takes them all
 from __future__ import annotations
 
 import contextlib
-import warnings
+import weakref
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.hooks import RemovableHandle
 
 from comol.adapters.routing_stats import RoutingStats
@@ -38,7 +46,9 @@ CONTEXT_ATTR = "comol_adapter_context"
 class AdapterContext:
     """Forward-scoped state shared by the adapter layers of one model (see module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, aux_loss_coeff: float = 0.0) -> None:
+        #: weight of the summed auxiliary losses in the model's ``outputs.loss`` (the adapter config's)
+        self.aux_loss_coeff = float(aux_loss_coeff)
         self.attention_mask: torch.Tensor | None = None  # [B, S] bool of the current forward
         self.forward_id = 0
         self.routing = RoutingStats()
@@ -46,14 +56,17 @@ class AdapterContext:
         self._seen: dict[int, int] = {}  # id(layer) -> forward_id of its last counted call
         self._step_hooks: list[Callable[[], None]] = []
         self._handles: list[RemovableHandle] = []
-        self._attached = 0
-        self._warned = False
+        self._attached: set[int] = set()  # id() of optimizers attached explicitly
+        self._trainable: frozenset[int] = frozenset()  # id() of the model's trainable tensors
+        self._owns: dict[int, bool] = {}  # id(optimizer) -> it holds one of those tensors
+        self._watcher: int | None = None  # id(self) once the global step hook is registered (a deep copy re-registers)
 
     # -- installation -----------------------------------------------------------------------
     def install(self, model: nn.Module) -> None:
         """Hook the top-level ``model`` and bind every adapter module found in it."""
         object.__setattr__(model, CONTEXT_ATTR, self)
         self.keep(model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
+        self.keep(model.register_forward_hook(self._end_forward, with_kwargs=True))
         for name, module in model.named_modules():
             bind = getattr(type(module), "bind_context", None)
             if bind is not None and module is not model:
@@ -69,6 +82,7 @@ class AdapterContext:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._watcher = None
 
     # -- one forward scope ------------------------------------------------------------------
     def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -76,11 +90,30 @@ class AdapterContext:
         self.attention_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self.forward_id += 1
         self._aux = []
-        if module.training and torch.is_grad_enabled() and self._step_hooks and not self._attached and not self._warned:
-            self._warned = True
-            warnings.warn("this adapter updates state once per optimizer step (e.g. FlyLoRA's routing bias): call "
-                          "comol.adapters.attach_optimizer(model, optimizer) once, or the state never changes",
-                          stacklevel=2)
+        if module.training and torch.is_grad_enabled() and self._step_hooks and self._watcher != id(self):
+            self._watch_optimizers(module)
+
+    def _end_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        """Put the whole objective in ``output.loss`` (LM loss + coeff x aux) when the model computed a loss."""
+        if isinstance(output, dict):  # ModelOutput is an OrderedDict
+            lm = output.get("loss")
+            if not isinstance(lm, torch.Tensor):
+                return output
+            aux = self.aux_loss()
+            output["lm_loss"] = lm
+            if aux is not None:
+                output["aux_loss"] = aux
+                if self.aux_loss_coeff > 0:
+                    weighted = self.aux_loss_coeff * aux.to(lm.dtype)
+                    output["loss"] = lm + weighted
+                    if isinstance(output.get("log_probs"), torch.Tensor) and isinstance(output.get("label_mask"), torch.Tensor):
+                        fold_into_log_probs(output, weighted, kwargs.get("num_items_in_batch"))
+            return output
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
+            aux = self.aux_loss()  # return_dict=False with labels: (loss, logits, ...)
+            if aux is not None and self.aux_loss_coeff > 0:
+                return (output[0] + self.aux_loss_coeff * aux.to(output[0].dtype), *output[1:])
+        return output
 
     @contextlib.contextmanager
     def masked(self, mask: torch.Tensor | None) -> Iterator[None]:
@@ -140,9 +173,46 @@ class AdapterContext:
             fn()
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
-        """Run the adapters' per-step updates after every ``optimizer.step()``."""
-        self._attached += 1
+        """Run the adapters' per-step updates after every ``optimizer.step()`` of this optimizer (the
+        automatic watch of the first training forward then leaves it alone: one update per step)."""
+        self._attached.add(id(optimizer))
         return self.keep(optimizer.register_step_post_hook(lambda *_: self.optimizer_step()))
+
+    def _watch_optimizers(self, model: nn.Module) -> None:
+        """Register (once) a global optimizer step post-hook: after the ``step()`` of any optimizer that
+        holds this model's trainable tensors and was not attached explicitly, run the per-step updates."""
+        self._trainable = frozenset(id(p) for p in model.parameters() if p.requires_grad)
+        self._owns = {}
+        self._watcher = id(self)
+        ref = weakref.ref(self)
+
+        def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            ctx = ref()
+            if ctx is not None and ctx._holds(optimizer):
+                ctx.optimizer_step()
+
+        self.keep(register_optimizer_step_post_hook(after_step))
+
+    def _holds(self, optimizer: torch.optim.Optimizer) -> bool:
+        key = id(optimizer)
+        if key in self._attached:
+            return False
+        if key not in self._owns:
+            self._owns[key] = any(id(p) in self._trainable for g in optimizer.param_groups for p in g["params"])
+        return self._owns[key]
+
+
+def fold_into_log_probs(output: dict, weighted_aux: torch.Tensor, num_items: Any) -> None:
+    """TRL's SFTTrainer (its fused LM head) computes the loss from ``output.log_probs`` as
+    ``-log_probs.sum() / n`` (n: ``num_items_in_batch`` when given, else ``label_mask.sum()``), not from
+    ``output.loss``. Subtract ``n x weighted_aux`` from the first log-prob so that sum gives the same
+    objective (LM loss + coeff x aux); per-token metrics (entropy, accuracy) are read from other fields."""
+    log_probs = output["log_probs"]
+    n = output["label_mask"].sum() if num_items is None else torch.as_tensor(num_items)
+    n = n.to(device=log_probs.device, dtype=log_probs.dtype).clamp(min=1)
+    first = torch.zeros_like(log_probs)
+    first.view(-1)[0] = 1.0
+    output["log_probs"] = log_probs - first * (n * weighted_aux.to(log_probs.dtype))
 
 
 def adapter_context(model: nn.Module) -> AdapterContext:

@@ -16,7 +16,7 @@ Params: sum over types t of r (n_t + m_t), plus r^2 per adapted module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,8 @@ from comol.adapters.sharing import SharedLowRank, inject_layer_shared
 @dataclass(kw_only=True)
 class DenseLoraConfig(LowRankConfig):
     """Shared (per projection type) A_t/B_t with a per-module dense r x r matrix between two GELUs."""
+
+    r: int = field(default=256, metadata={"help": "rank r of the shared A_t/B_t and of the dense r x r matrix"})
 
     def inject(self, model: nn.Module) -> list[str]:
         return inject_layer_shared(model, self.target_modules, self.r,

@@ -29,7 +29,7 @@ from torch import nn
 
 from comol.adapters.base import AdapterLinear, LowRankConfig, register_adapter
 from comol.adapters.context import AdapterContext
-from comol.adapters.routing import topk_mask
+from comol.adapters.gating import topk_mask
 from comol.errors import config_check
 from comol.adapters.base import TOKEN_ROUTED, NoWeightDelta
 
@@ -41,8 +41,9 @@ class FlyLoraConfig(LowRankConfig):
 
     token_routed = True
 
-    top_k: int = field(metadata={"help": "ranks active per token (must divide r)"})
-    bias_lr: float = field(metadata={"help": "u: step of the sign-based routing-bias update"})
+    r: int = field(default=32, metadata={"help": "number r of ranks (rows of the frozen sparse A)"})
+    top_k: int = field(default=8, metadata={"help": "ranks active per token (must divide r)"})
+    bias_lr: float = field(default=1e-3, metadata={"help": "u: step of the sign-based routing-bias update"})
 
     def validate(self) -> None:
         config_check(isinstance(self.top_k, int) and 1 <= self.top_k <= self.r, "adapter.top_k", self.top_k,

@@ -18,7 +18,7 @@ from torch import nn
 
 from comol.adapters.base import (TOKEN_ROUTED, AdapterLinear, LowRankConfig, NoWeightDelta, kaiming_uniform_,
                                  register_adapter)
-from comol.adapters.routing import router_probs
+from comol.adapters.gating import router_probs
 from comol.errors import config_check
 
 
@@ -29,7 +29,7 @@ class HydraLoraConfig(LowRankConfig):
 
     token_routed = True
 
-    num_experts: int = field(metadata={"help": "number N of B heads"})
+    num_experts: int = field(default=8, metadata={"help": "number N of B heads"})
 
     def validate(self) -> None:
         config_check(isinstance(self.num_experts, int) and self.num_experts >= 1,

@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
+import types
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,10 +48,37 @@ def inject_adapter(model: nn.Module, cfg: AdapterConfig | Mapping[str, Any]) -> 
     if getattr(model, CONTEXT_ATTR, None) is not None:
         raise ComolError("the model already carries an adapter: inject one adapter per model")
     cfg.inject(model)
-    AdapterContext().install(model)
+    AdapterContext(aux_loss_coeff=cfg.aux_loss_coeff).install(model)
     set_trainable(model, True)
     model.comol_adapter_config = cfg  # type: ignore[attr-defined]
+    if callable(getattr(model, "save_pretrained", None)):  # a transformers model: save the adapter, not a checkpoint
+        model.save_pretrained = types.MethodType(save_pretrained_adapter, model)  # type: ignore[method-assign]
     return cfg
+
+
+def save_pretrained_adapter(model: nn.Module, save_directory: str | os.PathLike, *args: Any,
+                            is_main_process: bool = True, **kwargs: Any) -> None:
+    """``model.save_pretrained`` of an adapted transformers model (also what ``Trainer.save_model`` calls):
+    writes the comol adapter format (``adapter_config.json`` + ``adapter_model.safetensors`` + checksum) into
+    ``save_directory``, loadable by ``load_adapter`` on a fresh backbone. A full checkpoint would reload as a
+    plain model with freshly initialised q/k/v/o weights, so none is written. Other files already in the
+    directory (a tokenizer, training args) are kept. After ``fold_adapter`` the model saves normally."""
+    if getattr(model, "comol_adapter_config", None) is None:  # folded: a plain transformers model again
+        return type(model).save_pretrained(model, save_directory, *args, is_main_process=is_main_process, **kwargs)
+    if not is_main_process:
+        return None
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = getattr(model, "config", None)
+    extra = {"saved_by": "save_pretrained",
+             "hf_model": {"model_type": getattr(hf, "model_type", None), "name_or_path": getattr(hf, "_name_or_path", None)}}
+    staged = save_adapter(model, out / f".{CONFIG_FILE}.staging", extra=extra)
+    try:
+        os.replace(staged / WEIGHTS_FILE, out / WEIGHTS_FILE)
+        os.replace(staged / CONFIG_FILE, out / CONFIG_FILE)  # last: a config names complete weights
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return None
 
 
 def set_trainable(model: nn.Module, trainable: bool = True) -> None:
@@ -110,8 +139,6 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: Mappi
         })
         return replace_dir(tmp, out_dir)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

@@ -6,7 +6,7 @@ LoRA's update is a fixed weight delta (``delta_weight``), so it can be merged in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,8 @@ from comol.adapters.base import AdapterLinear, LowRankConfig, kaiming_uniform_, 
 @dataclass
 class LoraConfig(LowRankConfig):
     """Plain LoRA (Hu et al.); the paper's parameter-parity baseline at r=16."""
+
+    r: int = field(default=16, metadata={"help": "rank of the low-rank update"})
 
     def make_layer(self, base: nn.Linear, module_name: str) -> nn.Module:
         return LoraLinear(base, self)

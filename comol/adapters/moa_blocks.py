@@ -38,6 +38,7 @@ from torch import nn
 
 from comol.adapters.base import ADAPTER_PREFIX, AdapterLinear, kaiming_uniform_
 from comol.adapters.context import AdapterContext, ContextBound
+from comol.adapters.gating import fp32_linear
 from comol.errors import ComolError, ConfigError
 from comol.adapters.base import TOKEN_ROUTED, NoWeightDelta
 
@@ -244,13 +245,9 @@ class Router(nn.Module):
         with torch.autocast(u.device.type, enabled=False):
             u = u.float()
             if self.kind == "linear":
-                return _fp32_linear(u, self.proj)
-            return _fp32_linear(F.silu(_fp32_linear(u, self.w1)) * _fp32_linear(u, self.w3), self.w2)
-
-
-def _fp32_linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-    """``lin(x)`` in fp32 even if the parameters were cast to a lower precision."""
-    return F.linear(x, lin.weight.float(), None if lin.bias is None else lin.bias.float())
+                return fp32_linear(u, self.proj.weight, self.proj.bias)
+            hidden = F.silu(fp32_linear(u, self.w1.weight, self.w1.bias)) * fp32_linear(u, self.w3.weight, self.w3.bias)
+            return fp32_linear(hidden, self.w2.weight, self.w2.bias)
 
 
 def select_by_threshold(w: torch.Tensor, tau: torch.Tensor, mode: str) -> torch.Tensor:
@@ -360,7 +357,7 @@ class BlockRouter(ContextBound, nn.Module):
                 x = self.pool(x, padding_mask(u, attn_kwargs or {}, past_len, self.context), past_len, caching)
             w = torch.sigmoid(self.router(x))
             if self.threshold is not None:
-                tau = self.max_threshold * torch.sigmoid(_fp32_linear(x, self.threshold))
+                tau = self.max_threshold * torch.sigmoid(fp32_linear(x, self.threshold.weight, self.threshold.bias))
                 w = select_by_threshold(w, tau, self.threshold_mode)
             return w
 

@@ -116,17 +116,17 @@ class MoAConfig(LowRankConfig):
     #: router slots: one per LoRA target ("type") or one for all LoRA targets ("family")
     gate_by: ClassVar[str] = "type"
 
-    adapter_size: int = field(metadata={"help": "bottleneck size a of the parallel adapter"})
-    parallel_adapter: bool = field(metadata={"help": "add the parallel adapter expert (MLP side)"})
-    prompt_expert: bool = field(metadata={"help": "add the prompt expert (attention side)"})
-    prompt_length: int = field(metadata={"help": "number P of prompt vectors per layer"})
-    router: str = field(metadata={"help": "linear (d -> K) | swiglu (hidden K * router_hidden_mult)"})
-    router_hidden_mult: int = field(metadata={"help": "SwiGLU router hidden size = K * this"})
-    router_bias: bool = field(metadata={"help": "biases in the router Linears (MoA code: yes)"})
-    router_input: str = field(
+    adapter_size: int = field(default=16, metadata={"help": "bottleneck size a of the parallel adapter"})
+    parallel_adapter: bool = field(default=True, metadata={"help": "add the parallel adapter expert (MLP side)"})
+    prompt_expert: bool = field(default=True, metadata={"help": "add the prompt expert (attention side)"})
+    prompt_length: int = field(default=10, metadata={"help": "number P of prompt vectors per layer"})
+    router: str = field(default="swiglu", metadata={"help": "linear (d -> K) | swiglu (hidden K * router_hidden_mult)"})
+    router_hidden_mult: int = field(default=4, metadata={"help": "SwiGLU router hidden size = K * this"})
+    router_bias: bool = field(default=True, metadata={"help": "biases in the router Linears (MoA code: yes)"})
+    router_input: str = field(default="normed",
         metadata={"help": "normed: the block input after input_layernorm (MoA code) | raw: before"})
-    router_level: str = field(metadata={"help": "token | instance (mean over non-padding tokens)"})
-    instance_pooling: str = field(
+    router_level: str = field(default="token", metadata={"help": "token | instance (mean over non-padding tokens)"})
+    instance_pooling: str = field(default="causal",
         metadata={"help": "instance level: causal (prefix mean, no look-ahead) | full (whole-sequence mean)"})
 
     def validate(self) -> None:

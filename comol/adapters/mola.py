@@ -30,7 +30,7 @@ from torch import nn
 
 from comol.adapters.base import register_adapter
 from comol.adapters.molora import MoELoraLinear, MoLoRAConfig
-from comol.adapters.routing import load_balancing_loss, renormalise, router_probs, topk_mask
+from comol.adapters.gating import load_balancing_loss, renormalise, router_probs, topk_mask
 from comol.errors import config_check
 
 
@@ -39,7 +39,9 @@ from comol.errors import config_check
 class MolaConfig(MoLoRAConfig):
     """Top-k routed mixture of LoRA experts with renormalised weights and a load-balancing loss."""
 
-    top_k: int = field(metadata={"help": "experts used per token (1 <= top_k <= num_experts)"})
+    aux_loss_coeff: float = field(
+        default=1e-3, metadata={"help": "weight of the summed load-balancing loss in the model's loss"})
+    top_k: int = field(default=2, metadata={"help": "experts used per token (1 <= top_k <= num_experts)"})
 
     def validate(self) -> None:
         super().validate()
@@ -55,8 +57,10 @@ class MolaConfig(MoLoRAConfig):
 class MoleConfig(MoLoRAConfig):
     """Threshold-routed mixture: experts with p_i >= threshold (and always the argmax), renormalised."""
 
+    aux_loss_coeff: float = field(
+        default=1e-3, metadata={"help": "weight of the summed load-balancing loss in the model's loss"})
     threshold: float | None = field(
-        metadata={"help": "keep experts with probability >= threshold, in (0, 1]; null = 1/N"})
+        default=None, metadata={"help": "keep experts with probability >= threshold, in (0, 1]; null = 1/N"})
 
     def validate(self) -> None:
         super().validate()

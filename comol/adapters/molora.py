@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comol.adapters.base import AdapterLinear, LowRankConfig, kaiming_uniform_, register_adapter
-from comol.adapters.routing import router_probs
+from comol.adapters.gating import router_probs
 from comol.errors import config_check
 from comol.adapters.base import TOKEN_ROUTED, NoWeightDelta
 
@@ -36,7 +36,7 @@ class MoLoRAConfig(LowRankConfig):
 
     token_routed = True
 
-    num_experts: int = field(metadata={"help": "number N of LoRA experts"})
+    num_experts: int = field(default=8, metadata={"help": "number N of LoRA experts"})
 
     def validate(self) -> None:
         config_check(isinstance(self.num_experts, int) and self.num_experts >= 1,

@@ -23,9 +23,9 @@ class ParallelAdapterConfig(AdapterConfig):
 
 
     target_modules: list[str] = field(
-        metadata={"help": "where it attaches: the MLP of every decoder layer (fixed: [mlp])"},
+        default_factory=lambda: ["mlp"], metadata={"help": "where it attaches: the MLP of every decoder layer (fixed: [mlp])"},
     )
-    adapter_size: int = field(metadata={"help": "bottleneck size a"})
+    adapter_size: int = field(default=16, metadata={"help": "bottleneck size a"})
 
     def validate(self) -> None:
         config_check(self.target_modules == ["mlp"], "adapter.target_modules", self.target_modules,

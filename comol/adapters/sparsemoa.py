@@ -32,8 +32,10 @@ from comol.errors import config_check
 class SparseMoAConfig(MoAConfig):
     """Sparse MoA: sigmoid weights per adapter type, experts below a learned per-token threshold dropped."""
 
-    max_threshold: float = field(metadata={"help": "tau(x) = max_threshold * sigmoid(w.x + b), in (0, 1]"})
-    threshold_mode: str = field(metadata={"help": "hard (MoA code, tau untrained) | ste | margin"})
+    prompt_expert: bool = field(
+        default=False, metadata={"help": "add the prompt expert (sparse routing does not apply to it: MoA code)"})
+    max_threshold: float = field(default=0.5, metadata={"help": "tau(x) = max_threshold * sigmoid(w.x + b), in (0, 1]"})
+    threshold_mode: str = field(default="hard", metadata={"help": "hard (MoA code, tau untrained) | ste | margin"})
 
     def validate(self) -> None:
         super().validate()

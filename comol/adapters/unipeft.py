@@ -10,7 +10,7 @@ teacher-forced training; the same with and without the KV cache), with ``full`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from comol.adapters.base import register_adapter
 from comol.adapters.moa_config import MoAConfig
@@ -22,3 +22,6 @@ class UniPEFTConfig(MoAConfig):
     """Instance-level gates per adapter family (LoRA / prompt / parallel adapter)."""
 
     gate_by = "family"
+
+    router: str = field(default="linear", metadata={"help": "linear: one Linear d -> 3, a gate per family"})
+    router_level: str = field(default="instance", metadata={"help": "instance: gates from the mean of the input"})

@@ -12,6 +12,12 @@ merges ``eval/code/<set>/pass@k`` and ``eval/code/<set>/confined`` into the run'
 ``eval.execute=true`` run does. Execution is confined by the OS (bubblewrap) or refused;
 ``--allow-unconfined`` (``eval.allow_unconfined=true`` in a run) permits running without it,
 which is logged and recorded as ``confined: 0``.
+
+The file being judged is never trusted: prompt, tests and entry point come from the problem
+file (the bundled HumanEval, or ``--problems FILE`` [``--problems-sha256 HEX``]); a row whose
+prompt/test/entry point differ from the problem's is refused. Standard human-eval samples
+(``{"task_id", "completion"}`` per line, a task on many lines) are read too; their set is
+``humaneval`` unless the file is named ``<set>.samples.jsonl``.
 """
 
 from __future__ import annotations
@@ -23,10 +29,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from comol.errors import DataError
-from comol.eval.code.confinement import ConfinementUnavailable
-from comol.eval.code.samples import read_samples, score_samples, set_name_of
+from comol.errors import ComolError, DataError, config_check
+from comol.eval.code.sandbox import check_run_limits
+from comol.eval.code.samples import SAMPLES_SUFFIX, file_sha256, read_samples, sample_rows, score_samples, set_name_of
+from comol.eval.eval_files import humaneval_file, load_humaneval
 from comol.io_utils import atomic_write_json, atomic_write_jsonl
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -38,15 +47,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=3.0)
     ap.add_argument("--memory-mb", type=int, default=1024)
+    ap.add_argument("--problems", type=Path, default=None,
+                    help="the HumanEval problem file the samples are judged by (default: the bundled one, "
+                         "data/eval/code/humaneval.jsonl of the data folder)")
+    ap.add_argument("--problems-sha256", default=None,
+                    help="refuse unless the problem file has this SHA-256")
     ap.add_argument("--allow-unconfined", action="store_true",
                     help="run WITHOUT OS confinement when bubblewrap is unavailable (recorded as confined: 0)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    samples = read_samples(args.samples)
+    bad_ks = [k for k in args.ks if k < 1]
+    config_check(not bad_ks, "--ks", bad_ks[0] if bad_ks else None, "integers >= 1")
+    check_run_limits(args.timeout, args.memory_mb, args.workers,
+                     names={"timeout": "--timeout", "memory_mb": "--memory-mb", "workers": "--workers"})
+    problems_file = args.problems or humaneval_file()
+    if not problems_file.is_file():
+        raise DataError(f"{problems_file}: problem file does not exist (name one with --problems)")
+    digest = file_sha256(problems_file)
+    if args.problems_sha256 is not None and digest != args.problems_sha256.lower():
+        raise DataError(f"{problems_file}: SHA-256 is {digest}, not {args.problems_sha256} (--problems-sha256)")
+    problems, completions, fmt = read_samples(args.samples, load_humaneval(problems_file), problems_file)
+    log.info("judging %s (%s format, %d problems) by %s (sha256 %s)", args.samples, fmt, len(problems),
+             problems_file, digest)
+    samples = sample_rows(problems, completions)   # prompt, test, entry point: from the problem file only
     set_name = set_name_of(args.samples)
+    if fmt == "human-eval" and not args.samples.name.endswith(SAMPLES_SUFFIX):
+        set_name = "humaneval"
     folder = args.samples.resolve().parent
     out_dir = args.out_dir or (folder.parent if folder.name == "predictions" else folder)
-    n = min(len(s["completions"]) for s in samples)
+    n = min(len(c) for c in completions.values())
     metrics, records = score_samples(samples, set_name, ks=[k for k in args.ks if k <= n] or [1],
                                      workers=args.workers, timeout=args.timeout, memory_mb=args.memory_mb,
                                      allow_unconfined=args.allow_unconfined, how_to_allow="--allow-unconfined")
@@ -62,6 +91,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, ConfinementUnavailable) as e:
+    except ComolError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,6 @@
-"""The LightningModule: causal-LM cross-entropy + weighted auxiliary routing loss, AdamW + warmup schedule."""
+"""The LightningModule: optimises the adapted model's own ``outputs.loss`` (causal-LM cross-entropy + the
+adapter's ``aux_loss_coeff`` x auxiliary routing loss, added by the adapter context: the same objective as
+HF Trainer, TRL or a plain loop), AdamW + warmup schedule."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ SCHEDULES = ("constant", "cosine")
 class AdapterLM(L.LightningModule):
     """Trains only the adapter tensors of a wrapped Hugging Face causal LM."""
 
-    def __init__(self, model: torch.nn.Module, optim: Mapping[str, Any], aux_loss_coeff: float = 0.0,
+    def __init__(self, model: torch.nn.Module, optim: Mapping[str, Any], aux_loss_coeff: float | None = None,
                  routing_stats: bool = True, routing_stats_every: int = 1):
         super().__init__()
         self.model = model
@@ -26,7 +28,11 @@ class AdapterLM(L.LightningModule):
         self.routing_stats = routing_stats
         self.routing_stats_every = max(int(routing_stats_every), 1)  # record one training batch in N
         self.optim_cfg = dict(optim)
-        self.aux_loss_coeff = float(aux_loss_coeff)
+        # the coefficient belongs to the model (its adapter config): a different one here would be a second objective
+        if aux_loss_coeff is not None and float(aux_loss_coeff) != self.context.aux_loss_coeff:
+            raise ConfigError(f"AdapterLM(aux_loss_coeff={aux_loss_coeff}) differs from the model's adapter.aux_loss_coeff="
+                              f"{self.context.aux_loss_coeff}: the objective is the model's outputs.loss; leave it out")
+        self.aux_loss_coeff = self.context.aux_loss_coeff
         if self.optim_cfg.get("schedule", "constant") not in SCHEDULES:
             raise ConfigError(f"optim.schedule={self.optim_cfg.get('schedule')!r} is invalid: expected one of {SCHEDULES}")
         self.strict_loading = False  # checkpoints hold adapter tensors only
@@ -36,25 +42,24 @@ class AdapterLM(L.LightningModule):
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
     def training_step(self, batch, batch_idx):
-        out = self(batch)
-        loss = out.loss
+        out = self(batch)  # out.loss: LM loss + aux_loss_coeff x aux (the model's objective)
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bs)
-        aux = self.context.aux_loss()
+        self.log("train/loss", out["lm_loss"].detach(), prog_bar=True, batch_size=bs)
+        aux = out.get("aux_loss")
         if aux is not None:
             self.log("train/aux_loss", aux.detach(), batch_size=bs)
-            if self.aux_loss_coeff > 0:
-                loss = loss + self.aux_loss_coeff * aux
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
-        return loss
+        return out.loss
 
-    # -- routing statistics: recorded in training forwards, logged at the logging interval ------
+    # -- routing statistics: recorded in one training batch in N, logged at that batch's step ----
     def on_fit_start(self) -> None:
         self.context.routing.enabled = False
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # recording costs a few small ops per routed module (launch-bound on a GPU): sample 1 batch in N
         self.context.routing.enabled = self.routing_stats and batch_idx % self.routing_stats_every == 0
+        # the optimizer steps done before this forward: the step Lightning logs this batch's train/loss at
+        self._routing_step = self.trainer.global_step
 
     def on_fit_end(self) -> None:
         self.context.routing.enabled = False
@@ -68,17 +73,27 @@ class AdapterLM(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         routing = self.context.routing
-        step = self.trainer.global_step
-        if self.routing_stats and step > 0 and step % self.trainer.log_every_n_steps == 0 and step != getattr(self, "_routing_step", -1):
-            self._routing_step = step
-            stats = routing.summary()  # the one host sync, at the logging interval
-            routing.reset()
-            if stats:
-                self.log_dict(stats, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
+        if not (self.routing_stats and routing.enabled):
+            return
+        stats = routing.summary()  # the one host sync, on the recorded batch only
+        routing.reset()
+        if stats:
+            # to the loggers at the recorded step only (self.log would repeat the value at every later
+            # logging step until the next record); callbacks still see the latest values
+            self.log_dict(stats, on_step=True, on_epoch=False, logger=False, batch_size=batch["input_ids"].shape[0])
+            for lg in self.loggers:
+                lg.log_metrics(stats, step=self._routing_step)
 
     def validation_step(self, batch, batch_idx):
         out = self(batch)
         self.log("val/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        # Lightning would log validation metrics at the count of batches that stepped *before* this
+        # one's step (global_step - 1 after a training batch): plot val/loss at the optimizer step whose
+        # weights it measured ("step" is Lightning's key for the logging step)
+        if not self.trainer.sanity_checking:
+            self.log("step", float(self.trainer.global_step), on_step=False, on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

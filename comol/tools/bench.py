@@ -30,7 +30,8 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from comol.adapters import adapter_context, adapter_preset, count_parameters, inject_adapter
+from comol.adapters import adapter_context, count_parameters, inject_adapter
+from comol.config import adapter_preset
 from comol.adapters.comol import CoMoLConfig, CoMoLLinear
 from comol.models import load_backbone
 

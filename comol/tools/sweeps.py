@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from comol import CONF_DIR
+from comol.adapter_presets import adapter_values
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,11 @@ def _sel(cfg: DictConfig, key: str, default: Any = None) -> Any:
 def summarize(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
     """The hyperparameters a reader checks against the paper, resolved."""
     experiment = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), None)
-    adapter = {k: _sel(cfg, f"adapter.{k}") for k in ("name", *ADAPTER_KEYS) if _sel(cfg, f"adapter.{k}") is not None}
+    try:  # the values the run builds: the preset over the dataclass defaults (presets state only deltas)
+        values = adapter_values(cfg.adapter)
+    except Exception:
+        values = {"name": "?"}
+    adapter = {k: values[k] for k in ("name", *ADAPTER_KEYS) if values.get(k) is not None}
     bs, acc = _sel(cfg, "dataset.batch_size"), _sel(cfg, "trainer.accumulate_grad_batches", 1)
     return {
         "experiment": experiment,

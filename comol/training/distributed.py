@@ -8,7 +8,7 @@ What every rank shares, and who writes what (docs/multi_gpu.md):
   launcher that did not, e.g. ``torchrun`` without an explicit ``hydra.run.dir``);
 * training state: DDP averages gradients; FlyLoRA sums its selection counts over ranks before the
   bias update, routing statistics are summed over ranks when summarised, and the load-balancing
-  loss uses the global batch (comol/adapters/routing.py), so all three equal a one-device run
+  loss uses the global batch (comol/adapters/gating.py), so all three equal a one-device run
   with the global batch;
 * data order: ``global_order_sampler`` makes W processes with batch b see, step by step, the very
   rows one process with batch W·b sees (Lightning's own DistributedSampler would draw another order);

@@ -10,10 +10,13 @@ the exit code. Two ways to run:
   (prompt + completion) under the in-process guard and serves calls to the entry point; the
   parent, which never runs untrusted code, runs the trusted checks (prompt + test) with a proxy
   that calls the child over pipes and accepts only plain data back (restricted unpickling). The
-  parent reads the token after the fork and writes it only when ``check(candidate)`` returned.
-  The child has neither the token nor the result pipe, and cannot reach the parent's memory or
-  descriptors (the parent is not dumpable, and both run as the same unprivileged uid). A result
-  object that lies in ``__eq__`` cannot cross the pipe.
+  checks and the token arrive on pipes of their own (``checks_fd``, ``token_fd``) that the
+  parent reads only AFTER the fork, so the child's memory never held either (nothing for a
+  frame walk, a ``gc`` walk or a scan of its own memory to find); the child closes both, and
+  the result pipe, before it runs anything. The parent writes the token only when
+  ``check(candidate)`` returned. The child cannot reach the parent's memory or descriptors (the
+  parent is not dumpable, and both run as the same unprivileged uid). A result object that lies
+  in ``__eq__`` cannot cross the pipe.
 * **whole program** (``cfg["split"]`` absent): the program runs in the launcher's own process
   and the token is written when it has run to its end. A program written against this launcher
   can forge that (it shares the process); kept for code_eval-style references.
@@ -347,8 +350,19 @@ def check_program(checks: str, entry_point: str, requests: int, replies: int) ->
     namespace["check"](candidate)
 
 
+def _read_all(fd: int) -> bytes:
+    """Everything written to the pipe ``fd`` until its writer closed it."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def _run_split(cfg: dict, split: dict, token_fd: int, result_fd: int, write, exit_now) -> int:
-    """Fork; the child runs the program, this process the checks. Returns the exit status."""
+    """Fork; the child runs the program, this process the checks (read from ``split["checks_fd"]``
+    only after the fork). Returns the exit status."""
     import signal as _signal
 
     _not_dumpable()
@@ -358,7 +372,7 @@ def _run_split(cfg: dict, split: dict, token_fd: int, result_fd: int, write, exi
     if pid == 0:  # the program's process: no token, no result pipe, no way back up
         status = EXIT_SETUP
         try:
-            for fd in (token_fd, result_fd, requests_w, replies_r):
+            for fd in (token_fd, split["checks_fd"], result_fd, requests_w, replies_r):
                 os.close(fd)
             if cfg["guard"]:
                 install_guard(cfg["workdir"])
@@ -373,7 +387,9 @@ def _run_split(cfg: dict, split: dict, token_fd: int, result_fd: int, write, exi
     token = os.read(token_fd, 256)   # only now, in the process that never runs the program
     os.close(token_fd)
     try:
-        check_program(split["checks"], split["entry_point"], requests_w, replies_r)
+        checks = _read_all(split["checks_fd"]).decode("utf-8")   # likewise
+        os.close(split["checks_fd"])
+        check_program(checks, split["entry_point"], requests_w, replies_r)
     except BaseException as exc:
         _report(exc)
         return EXIT_FAILED if isinstance(exc, AssertionError) else EXIT_ERROR

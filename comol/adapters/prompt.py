@@ -24,9 +24,9 @@ class PromptTuningConfig(AdapterConfig):
 
 
     target_modules: list[str] = field(
-        metadata={"help": "where it attaches: the attention module of every decoder layer (fixed: [self_attn])"},
+        default_factory=lambda: ["self_attn"], metadata={"help": "where it attaches: the attention module of every decoder layer (fixed: [self_attn])"},
     )
-    prompt_length: int = field(metadata={"help": "number P of prompt vectors per layer"})
+    prompt_length: int = field(default=10, metadata={"help": "number P of prompt vectors per layer"})
 
     def validate(self) -> None:
         config_check(self.target_modules == ["self_attn"], "adapter.target_modules", self.target_modules,

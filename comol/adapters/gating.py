@@ -1,6 +1,6 @@
-"""Routing helpers shared by the mixture-of-experts adapters (docs/methods.md §2).
+"""Gating math shared by the routed adapters (docs/methods.md §2): router scores, selection, balancing loss.
 
-* ``router_probs``: softmax router computed in fp32 with autocast off, whatever the input dtype.
+* ``fp32_linear`` / ``router_probs``: router logits / softmax in fp32 with autocast off, whatever the input dtype.
 * ``topk_mask`` / ``renormalise``: hard selection and renormalisation of routing weights.
 * ``load_balancing_loss``: the Switch-Transformer style auxiliary loss, padding excluded.
 
