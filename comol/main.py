@@ -12,6 +12,7 @@ import comol.cli_help  # noqa: F401  (the ${comol_help:} resolver of `--help`)
 import comol.config  # noqa: F401  (registers the ${comol_root:} resolver)
 import comol.run_dir  # noqa: F401  (the ${comol_run_dir:} resolver of hydra.run.dir)
 from comol.errors import ComolError
+from comol.job import objective, run
 from comol.run_dir import RunDirTaken
 
 
@@ -25,9 +26,7 @@ def _note_in_job_log(cfg: DictConfig, line: str) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    from comol.pipeline import run
-
+def main(cfg: DictConfig) -> float:
     try:
         metrics = run(cfg)
     except ComolError as e:
@@ -40,6 +39,7 @@ def main(cfg: DictConfig) -> float | None:
         raise
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k.startswith(("eval/", "params/"))}
     print(f"results ({cfg.paths.output_dir}): {shown}")
-    # a scalar for Hydra sweepers that optimise something: the first mean accuracy / pass@1 found
-    return next((v for k, v in metrics.items() if k.endswith(("mean_acc", "pass@1"))), None)
+    # the float a Hydra sweeper optimises: objective.metric (default: the eval task's primary metric, val/loss
+    # when eval=none), the worst value for its direction when the job has none
+    return objective(cfg, metrics)
 

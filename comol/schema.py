@@ -49,6 +49,15 @@ RANK_FACTOR = 4
 MAX_EXPERTS = 1024
 
 
+class ObjectiveConfig(Schema):
+    """The float a Hydra sweeper optimises (comol/job.py ``objective``)."""
+
+    metric: NonEmptyStr | None = Key("a results key (null: the eval task's primary metric; val/loss with eval=none)",
+                                     default=None)
+    direction: Literal["maximize", "minimize"] | None = Key("null: the task's direction (minimize for a loss)",
+                                                           default=None)
+
+
 class RunConfig(Schema):
     """The composed config of one run (``python run.py ...``): every group and top-level key."""
 
@@ -82,6 +91,10 @@ class RunConfig(Schema):
     eval: EvalConfig = Key("evaluation (eval=<name>)")
     checkpoint: CheckpointConfig = Key("resumable checkpoints", default_factory=CheckpointConfig)
     divergence: DivergenceConfig = Key("what a non-finite loss does", default_factory=DivergenceConfig)
+    plugins: list[NonEmptyStr] = Key("plug-in eval tasks: .py files, dirs of them or module names", default=[])
+    objective: ObjectiveConfig = Key("what run.py returns to a Hydra sweeper", default_factory=ObjectiveConfig)
+    callbacks: dict[str, dict[str, Any] | None] = Key("the Trainer's callbacks (callbacks=<name>): "
+                                                      "{name: {_target_: ..., ...} or null}", default={})
 
     @field_validator("adapter", mode="before")
     @classmethod

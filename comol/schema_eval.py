@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, model_validator
 
 from comol.errors import ConfigError
 from comol.schema_base import Fraction, Key, NonEmptyStr, PosFloat, PosInt, Schema, Seed, invalid
@@ -78,8 +78,28 @@ class NoEval(EvalCommon):
         return self
 
 
-EvalConfig = Annotated[Union[GenerationEval, CodeEval, NoEval], Field(discriminator="task")]
+class PluginEval(EvalCommon):
+    """A plug-in task (``plugins=[...]``, docs/evaluation.md): the common keys are checked here, the task's own
+    keys by its registered config class (comol/eval/tasks) before anything is built."""
+
+    model_config = ConfigDict(extra="allow")
+    task: NonEmptyStr = Key("a registered plug-in task")
+    max_new_tokens: Annotated[int, Field(ge=0)] = Key("generated tokens per answer", default=0)
+
+
 TASKS = ("math", "commonsense", "code", "none")
+PLUGIN = "plugin"
+
+
+def _task_kind(node) -> str:
+    task = node.get("task") if isinstance(node, dict) else getattr(node, "task", None)
+    return task if task in TASKS else PLUGIN
+
+
+EvalConfig = Annotated[Union[Annotated[GenerationEval, Tag("math")], Annotated[GenerationEval, Tag("commonsense")],
+                             Annotated[CodeEval, Tag("code")], Annotated[NoEval, Tag("none")],
+                             Annotated[PluginEval, Tag(PLUGIN)]],
+                       Discriminator(_task_kind)]
 
 
 def toy_sets(ev: EvalCommon) -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import comol.pipeline
+import comol.job
 
 from comol.config import compose
 from comol.io_utils import atomic_write_json
@@ -28,8 +28,8 @@ MICRO = ["model.arch.hidden_size=64", "model.arch.num_layers=2", "model.arch.hea
 def test_lr_1e30_stops_with_one_line_saves_nothing_and_keeps_a_finite_checkpoint(tmp_path, monkeypatch):
     # the schema refuses optim.lr > 1 before anything is built (tests/test_schema.py); to make a run diverge this
     # one lr is let through, every other key still checked
-    checked = comol.pipeline.validate_config
-    monkeypatch.setattr(comol.pipeline, "validate_config",
+    checked = comol.job.validate_config
+    monkeypatch.setattr(comol.job, "validate_config",
                         lambda cfg: checked(OmegaConf.merge(cfg, {"optim": {"lr": 1.0}})))
     cfg = compose([*MICRO, "optim.lr=1e30", "optim.warmup_steps=0", f"paths.output_dir={tmp_path}"])
     with pytest.raises(DivergenceError) as err:

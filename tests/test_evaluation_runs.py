@@ -15,7 +15,7 @@ from comol.adapters import load_adapter
 from comol.config import compose
 from comol.errors import CheckpointError
 from comol.eval.generate import generate_responses
-from comol.eval.runner import truncate_completion
+from comol.eval.tasks.code import truncate_completion
 from comol.models import load_backbone
 from comol.pipeline import run
 

@@ -71,7 +71,7 @@ def no_backbone(monkeypatch):
         built.append(args)
         raise AssertionError("a backbone was built before the data was checked")
 
-    monkeypatch.setattr("comol.pipeline.load_backbone", refuse)
+    monkeypatch.setattr("comol.job.load_backbone", refuse)
     return built
 
 

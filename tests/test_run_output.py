@@ -12,7 +12,7 @@ import types
 import torch
 
 from comol import ROOT
-from comol.models.progress import ProgressLog, _duration
+from comol.training.progress import ProgressLog, _duration
 
 
 def test_progress_line_hand_computed():

@@ -1,6 +1,5 @@
-"""Checks of what an evaluation reads, run before the backbone is built: the evaluation files (read once here
-and handed to the evaluation), prompts that would overflow the context, and for ``mode=eval`` the saved
-adapter directory (its config against the schema and the backbone it will be loaded on, its checksum).
+"""Checks of ``mode=eval``'s inputs, run before the backbone is built (the evaluation files are read and checked
+by the eval task, comol/eval/tasks): the saved adapter directory (its config against the schema and the backbone it will be loaded on, its checksum).
 The config values themselves were checked already (comol/schema.py)."""
 
 from __future__ import annotations
@@ -12,49 +11,9 @@ from hydra.core.hydra_config import HydraConfig
 
 from comol.adapters import build_adapter_config
 from comol.adapters.inject import check_adapter_backbone, read_adapter_config, verify_adapter_weights
-from comol.data.checks import token_lengths
-from comol.data.prompts import build_prompt
-from comol.errors import CheckpointError, ConfigError, DataError
-from comol.eval.eval_files import load_eval_rows
-from comol.eval.runner import set_path
+from comol.errors import CheckpointError, ConfigError
 from comol.schema import adapter_problems, context_problems, toy_set_problems, validate_group
 from comol.schema_data import TOY_SOURCE
-from comol.schema_eval import TOY_SET
-
-
-def load_eval_sets(ev: Mapping[str, Any], has_toy: bool) -> dict[str, list[dict]]:
-    """Read and check every evaluation file now (HumanEval: its presence; the sandbox reads it)."""
-    rows: dict[str, list[dict]] = {}
-    if ev.get("task", "none") == "none":
-        return rows
-    for name, source in dict(ev.get("sets") or {}).items():
-        source = str(source)
-        if source == TOY_SET:
-            if not has_toy:
-                raise ConfigError(f"eval.sets.{name}=toy_math needs dataset=toy_math (its held-out test split)")
-            continue
-        path = set_path(source, ev)
-        if ev.get("task") == "code":
-            if not path.is_file():
-                raise DataError(f"eval.sets.{name}: evaluation file {path} does not exist")
-            continue
-        rows[name] = load_eval_rows(path)
-    return rows
-
-
-def prompt_length_warnings(sets: Mapping[str, list[dict]], tokenizer, ev: Mapping[str, Any],
-                           context: int | None) -> list[str]:
-    """One line per set whose prompts + ``eval.max_new_tokens`` exceed the model's context."""
-    if context is None or ev.get("task", "none") in ("none", "code"):
-        return []
-    out, limit, new = [], ev.get("limit"), ev["max_new_tokens"]
-    for name, rows in sets.items():
-        lens = token_lengths(tokenizer, [build_prompt(r) for r in rows[:limit]])
-        over = sum(n + new > context for n in lens)
-        if over:
-            out.append(f"eval set {name}: {over} of {len(lens)} prompts + eval.max_new_tokens={new} exceed the "
-                       f"model's context ({context} tokens)")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- mode=eval

@@ -155,11 +155,11 @@ def _from_pretrained(auto_cls, model_cfg: Mapping[str, Any], source: str, **kwar
         raise ModelNotFoundError(_not_found(model_cfg, source, e)) from None
 
 
-def load_backbone(model_cfg: Mapping[str, Any], device: str | torch.device = "cpu"):
-    """Return ``(model, tokenizer)`` for a model YAML node."""
+def load_backbone(model_cfg: Mapping[str, Any], device: str | torch.device = "cpu", tokenizer=None):
+    """Return ``(model, tokenizer)`` for a model YAML node (``tokenizer``: one already loaded for it)."""
     check_model(model_cfg)
     source = None if is_random_init(model_cfg) else weights_source(model_cfg)
-    tok = load_tokenizer(model_cfg, None if _get(model_cfg, "tokenizer") else source)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(model_cfg, None if _get(model_cfg, "tokenizer") else source)
     dtype = torch_dtype(_get(model_cfg, "dtype", "float32"))
     if source is None:
         config = hf_config(model_cfg, vocab_size=len(tok))
