@@ -9,6 +9,7 @@ import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from comol.adapters import adapter_context, is_adapter_name
+from comol.adapters.context import TOKEN_MASK_KWARG
 from comol.errors import ConfigError
 
 SCHEDULES = ("constant", "cosine")
@@ -32,8 +33,11 @@ class AdapterLM(L.LightningModule):
         self.strict_loading = False  # checkpoints hold adapter tensors only
 
     def forward(self, batch: Mapping[str, torch.Tensor]):
-        # Nothing but the model call: the adapter context reads the attention mask from it.
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        # Nothing but the model call: the adapter context reads the attention mask from it. A packed batch
+        # (comol/data/packing.py) brings position_ids instead and, with a padding tail, its token mask.
+        extra = {k: batch[k] for k in ("position_ids", TOKEN_MASK_KWARG) if k in batch}
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                          labels=batch["labels"], **extra)
 
     def training_step(self, batch, batch_idx):
         out = self(batch)
