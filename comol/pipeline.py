@@ -141,7 +141,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
     splits = checked.splits
     datamodule = SFTDataModule(_container(cfg.dataset), tokenizer, seed=int(cfg.seed), splits=splits)
     lit = AdapterLM(model, _container(cfg.optim), aux_loss_coeff=adapter_cfg.aux_loss_coeff,
-                    routing_stats=bool(cfg.routing_stats), routing_stats_every=int(cfg.routing_stats_every))
+                    routing_stats=bool(cfg.routing_stats), routing_stats_every=int(cfg.routing_stats_every),
+                    compile=bool(cfg.trainer.get("compile", False)))
 
     loggers = build_loggers(cfg, logger_resume_kwargs(resume_state) if resume_ckpt is not None else None)
     if resume_ckpt is not None:
@@ -161,7 +162,8 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
         callbacks += [c for c in (keeper, guard, checkpointer) if c is not None]
         multi = DistributedRun(out_dir)
         callbacks += multi.callbacks
-        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, default_root_dir=str(out_dir),
+        trainer_cfg = {k: v for k, v in _container(cfg.trainer).items() if k != "compile"}   # ours: AdapterLM
+        trainer: L.Trainer = instantiate(trainer_cfg, logger=loggers or False, default_root_dir=str(out_dir),
                                          callbacks=callbacks, enable_progress_bar=bar)
         start = time.time()
         trainer.fit(lit, datamodule=datamodule, ckpt_path=resume_ckpt, weights_only=False)

@@ -239,3 +239,44 @@ def test_datamodule_packs_within_the_budget():
         assert int(mask.sum()) <= 128 and b["input_ids"].shape[1] <= 64
         real += int(mask.sum())
     assert real == sum(len(f["input_ids"]) for f in dm.train_features)   # every row once per epoch
+
+
+@pytest.mark.parametrize("preset", ["softmoa_instance", "prompt"])
+def test_packing_refuses_adapters_that_work_on_whole_sequences(preset):
+    from comol.data.packing import check_packable
+
+    model, _ = fresh_micro_model("qwen3")
+    inject_adapter(model, {"name": preset.split("_")[0] if preset == "prompt" else "softmoa",
+                           **({"router_level": "instance"} if preset != "prompt" else {})})
+    with pytest.raises(ConfigError, match=r"dataset.packing=true is invalid with this adapter: .*use dataset.packing=false"):
+        check_packable(model)
+    lora, _ = fresh_micro_model("qwen3")
+    inject_adapter(lora, {"name": "lora"})
+    check_packable(lora)
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_with_packing_equals_uninterrupted_run(tmp_path):
+    """As tests/test_resume.py, with packed batches: the resumed run skips the packs already trained on."""
+    import signal
+
+    from test_resume import adapter_tensors, cfg_for, csv_rows, interrupt_when_checkpointed, losses
+    from comol.pipeline import run as run_job
+    from comol.training.checkpointing import RunInterrupted, checkpoint_path
+
+    packed = ["logger=csv", "dataset.packing=true", "dataset.packing_tokens=256"]
+    whole = tmp_path / "whole"
+    run_job(cfg_for(whole, *packed))
+    out = tmp_path / "cut"
+    interrupt_when_checkpointed(out, signal.SIGTERM)
+    with pytest.raises(RunInterrupted):
+        run_job(cfg_for(out, *packed))
+    stopped = torch.load(checkpoint_path(out), weights_only=False)["global_step"]
+    assert 4 <= stopped < 12
+    results = run_job(cfg_for(out, *packed, "resume=true"))
+    assert results["train/steps"] == 12 and results["train/resumed_from_step"] == stopped
+    a, b = adapter_tensors(whole), adapter_tensors(out)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name   # bitwise
+    assert losses(csv_rows(out)) == losses(csv_rows(whole))

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from comol.data.eval_split import eval_split
 from comol.data.loading import load_rows
-from comol.data.packing import collate_packed, layout_for, pack_rows
+from comol.data.packing import check_packable, collate_packed, layout_for, pack_rows
 from comol.data.prompts import build_prompt
 from comol.data.toy_math import toy_math_splits
 from comol.errors import ConfigError
@@ -163,6 +163,9 @@ class SFTDataModule(L.LightningDataModule):
         return pack_rows(lengths, row_permutation(len(lengths), self.seed), packing_tokens(self.cfg))
 
     def _packed_loader(self) -> DataLoader:
+        model = getattr(self.trainer.lightning_module, "model", None) if self.trainer is not None else None
+        if model is not None:
+            check_packable(model)
         world, rank = self._world()
         sampler = PackedSampler(self.packs(), self.seed, num_replicas=world, rank=rank)
         layout, width, pad = self.layout(), int(self.cfg["max_length"]), self.tokenizer.pad_token_id

@@ -44,6 +44,16 @@ def layout_for(attn_implementation: str | None) -> str:
     return "flat" if attn_implementation in FLAT_ATTENTION else "bins"
 
 
+def check_packable(model) -> None:
+    """Refuse adapters that pool over a whole sequence (instance-level routers) or attend to per-sequence
+    prompt vectors: in a packed sequence they would mix rows."""
+    for name, module in model.named_modules():
+        if getattr(module, "level", None) == "instance" or name.endswith("adapter_prompt"):
+            raise ConfigError(f"dataset.packing=true is invalid with this adapter: {name} works on whole sequences "
+                              f"(instance-level routing / prompt vectors), which packing would mix; use "
+                              f"dataset.packing=false")
+
+
 def pack_rows(lengths: Sequence[int], order: Sequence[int], budget: int) -> list[tuple[int, ...]]:
     """Cut ``order`` (row indices) into packs: consecutive rows whose token count sums to at most ``budget``.
 
@@ -115,6 +125,16 @@ def collate_packed(features: list[dict], pad_id: int, layout: str = "bins", widt
     if not bool(real.all()):
         out[TOKEN_MASK_KEY] = real
     return out
+
+
+def real_tokens(batch: dict) -> torch.Tensor:
+    """Real (non-padding) tokens of a padded or packed batch, as a tensor on the batch's device (no sync)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    if TOKEN_MASK_KEY in batch:
+        return batch[TOKEN_MASK_KEY].sum()
+    ids = batch["input_ids"]
+    return torch.tensor(ids.numel(), device=ids.device)
 
 
 def padding_ratio(lengths: Sequence[int], batches: Sequence[Sequence[int]], layout: str | None = None,

@@ -15,13 +15,27 @@ from comol.errors import ConfigError
 SCHEDULES = ("constant", "cosine")
 
 
+def compile_blocks(model: torch.nn.Module) -> int:
+    """``trainer.compile=true``: compile every decoder block in place (``nn.Module.compile``: parameter names,
+    hooks and checkpoints unchanged; one compiled graph reused by all blocks of a shape). Returns their count.
+    docs/benchmarks.md says why the blocks and not the whole model or the adapter layers alone."""
+    blocks = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not blocks:
+        raise ConfigError(f"trainer.compile=true: {type(model).__name__} has no *DecoderLayer modules to compile")
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
 class AdapterLM(L.LightningModule):
     """Trains only the adapter tensors of a wrapped Hugging Face causal LM."""
 
     def __init__(self, model: torch.nn.Module, optim: Mapping[str, Any], aux_loss_coeff: float = 0.0,
-                 routing_stats: bool = True, routing_stats_every: int = 1):
+                 routing_stats: bool = True, routing_stats_every: int = 1, compile: bool = False):
         super().__init__()
         self.model = model
+        if compile:  # trainer.compile=true: regional compilation of the decoder blocks
+            compile_blocks(model)
         #: the adapter context (context.py): padding mask, aux losses, routing statistics, step updates
         self.context = adapter_context(model)
         self.routing_stats = routing_stats
