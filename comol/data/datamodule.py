@@ -168,7 +168,8 @@ class SFTDataModule(L.LightningDataModule):
             check_packable(model)
         world, rank = self._world()
         sampler = PackedSampler(self.packs(), self.seed, num_replicas=world, rank=rank)
-        layout, width, pad = self.layout(), int(self.cfg["max_length"]), self.tokenizer.pad_token_id
+        # bins of up to two rows' worth of tokens: fewer half-empty bins, attention cost still bounded
+        layout, width, pad = self.layout(), BIN_ROWS * int(self.cfg["max_length"]), self.tokenizer.pad_token_id
         # batch_size=1 over packs: the resume position (batches x batch_size) counts packs
         return DataLoader(_Rows(self.train_features), batch_size=1, sampler=sampler,
                           generator=torch.Generator().manual_seed(self.seed), num_workers=self.cfg.get("num_workers", 0),
@@ -185,6 +186,8 @@ class SFTDataModule(L.LightningDataModule):
         return self._loader(self.val_features, self.cfg.get("eval_batch_size", self.cfg["batch_size"]), shuffle=False)
 
 
+#: packed "bins" layout: a bin holds at most this many times dataset.max_length tokens
+BIN_ROWS = 2
 #: dataset.group_by_length sorts rows by length inside chunks of this many (global) batches
 GROUP_BATCHES = 50
 

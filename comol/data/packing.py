@@ -6,8 +6,9 @@ lays a pack out as
 
 * ``layout="flat"``: one sequence [1, N] holding every row back to back, no padding at all (for
   flash-attention / flex-attention, whose kernels skip the blocks between rows), or
-* ``layout="bins"``: rows placed first-fit-decreasing into bins of ``width`` tokens (``dataset.max_length``),
-  a tensor [bins, longest bin] with a short padding tail per bin (for SDPA / eager, whose cost grows with
+* ``layout="bins"``: rows placed first-fit-decreasing into bins of at most ``width`` tokens (the datamodule
+  gives 2 x ``dataset.max_length``), the bin count chosen for the fewest computed tokens (``balanced_bins``),
+  a tensor [bins, fullest bin] with a short padding tail per bin (for SDPA / eager, whose cost grows with
   the square of the sequence length, so one long sequence would cost more than the padding it saves).
 
 In both, ``position_ids`` restart at 0 for every row and no ``attention_mask`` is passed: transformers
@@ -93,6 +94,24 @@ def first_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
+def balanced_bins(lengths: Sequence[int], max_width: int) -> list[list[int]]:
+    """Bins for one pack with the fewest computed tokens (bins x fullest bin): first-fit-decreasing into bins
+    of ``max_width`` tokens (or the longest row, if longer) and of max(longest row, ceil(total / k)) tokens for
+    every bin count k those allow; the best wins (ties: more bins, i.e. shorter sequences)."""
+    total, longest = sum(lengths), max(lengths)
+    cap = max(int(max_width), longest)
+    widths = sorted({cap} | {max(longest, -(-total // k)) for k in range(-(-total // cap), len(lengths) + 1)},
+                    reverse=True)
+    best: tuple[int, int] | None = None
+    best_bins: list[list[int]] = []
+    for width in widths:
+        bins = first_fit_decreasing(lengths, width)
+        computed = len(bins) * max(sum(lengths[i] for i in b) for b in bins)
+        if best is None or (computed, -len(bins)) < best:
+            best, best_bins = (computed, -len(bins)), bins
+    return best_bins
+
+
 def collate_packed(features: list[dict], pad_id: int, layout: str = "bins", width: int | None = None) -> dict:
     """One packed micro-batch from ``features`` (dicts with ``input_ids`` and ``labels``); see module docstring."""
     if layout not in LAYOUTS:
@@ -103,7 +122,7 @@ def collate_packed(features: list[dict], pad_id: int, layout: str = "bins", widt
     else:
         if not width:
             raise ConfigError("packing layout='bins' needs a bin width (dataset.max_length)")
-        bins = first_fit_decreasing(lengths, width)
+        bins = balanced_bins(lengths, width)
     seq = max(sum(lengths[i] for i in b) for b in bins)
     ids = torch.full((len(bins), seq), pad_id, dtype=torch.long)
     labels = torch.full((len(bins), seq), IGNORE_INDEX, dtype=torch.long)
@@ -150,6 +169,6 @@ def padding_ratio(lengths: Sequence[int], batches: Sequence[Sequence[int]], layo
         elif layout == "flat":
             computed += sum(ls)
         else:
-            bins = first_fit_decreasing(ls, int(width))
+            bins = balanced_bins(ls, int(width))
             computed += len(bins) * max(sum(ls[i] for i in b) for b in bins)
     return computed / max(real, 1)
