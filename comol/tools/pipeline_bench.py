@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from comol.data.datamodule import SFTDataModule, collate_left, encode_example
+from comol.data.datamodule import BIN_ROWS, SFTDataModule, encode_example
 from comol.data.loading import load_rows
 from comol.data.packing import pack_rows, padding_ratio, real_tokens
 from comol.training.sampler import ResumableSampler, row_permutation
@@ -78,7 +78,7 @@ def padding_ratios(tokenizer, batch: int, max_length: int, seed: int = 0) -> lis
         packs = pack_rows(lengths, order, batch * max_length)
         out.append({"split": name, "rows": len(rows), "mean_tokens": sum(lengths) / len(lengths),
                     "padded": padding_ratio(lengths, padded), "grouped": padding_ratio(lengths, grouped),
-                    "packed_bins": padding_ratio(lengths, packs, layout="bins", width=max_length),
+                    "packed_bins": padding_ratio(lengths, packs, layout="bins", width=BIN_ROWS * max_length),
                     "packed_flat": padding_ratio(lengths, packs, layout="flat")})
     return out
 
