@@ -219,10 +219,12 @@ def _lengths(tokenizer, texts: list[str]) -> list[int]:
 
 def check_row_lengths(rows: list[dict], tokenizer, max_length: int, split: str = "train") -> str | None:
     """Count the rows ``max_length`` cuts. All of them losing their whole answer is an error; some: a warning."""
+    from comol.data.clip import clip_row
     from comol.data.prompts import build_prompt
 
     if not rows:
         return None
+    rows = [clip_row(r, max_length, tokenizer) for r in rows]   # a huge field is cut before tokenising
     prompts = [build_prompt(r) for r in rows]
     prompt_len = _lengths(tokenizer, prompts)
     full_len = [n + 1 for n in _lengths(tokenizer, [p + r["output"] for p, r in zip(prompts, rows)])]  # + EOS

@@ -11,16 +11,8 @@ import time
 
 import pytest
 
-from comol.tools.sandbox import (
-    ExecResult,
-    SplitProgram,
-    build_program,
-    describe_sandbox,
-    evaluate_humaneval,
-    evaluate_programs,
-    run_program,
-    whole_program,
-)
+from comol.eval.code.humaneval import build_program, evaluate_humaneval, whole_program
+from comol.eval.code.sandbox import ExecResult, SplitProgram, describe_sandbox, evaluate_programs, run_program
 from comol.eval.eval_files import humaneval_file, load_humaneval, require_data_dir
 
 SANDBOX = describe_sandbox()
@@ -178,7 +170,7 @@ def test_infinite_loops_do_not_stall_the_pool(by_id):
 
 
 def test_exit_status_classification():
-    from comol.tools.sandbox import _classify
+    from comol.eval.code.sandbox import _classify
 
     # Only the token read back makes a pass; exit status 0 alone is an error.
     assert _classify(0, False, 3.0, "", True) == ("passed", "")

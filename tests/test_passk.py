@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from comol.eval.passk import mean_pass_at_k, pass_at_k
+from comol.eval.code.pass_at_k import mean_pass_at_k, pass_at_k
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,8 +21,9 @@ import pytest
 
 pytestmark = pytest.mark.slow  # ~90 sandboxed runs: the full table runs in CI (-m slow)
 
-from comol.tools.sandbox import SplitProgram, build_program, describe_sandbox, run_program, whole_program
-from comol.tools.sandbox_confine import LAUNCHER, interpreter_paths
+from comol.eval.code.confinement import LAUNCHER, interpreter_paths
+from comol.eval.code.humaneval import build_program, whole_program
+from comol.eval.code.sandbox import SplitProgram, describe_sandbox, run_program
 
 SANDBOX = describe_sandbox()
 if SANDBOX["problem"]:
@@ -259,7 +260,7 @@ def test_the_sandbox_dies_with_the_evaluator():
     def launchers() -> list[int]:   # sandbox launchers on the host, whoever started them
         return [p for p in _sandbox_processes("\0no marker\0") if p != evaluator.pid]
 
-    evaluator = subprocess.Popen([sys.executable, "-c", "from comol.tools.sandbox import run_program\n"
+    evaluator = subprocess.Popen([sys.executable, "-c", "from comol.eval.code.sandbox import run_program\n"
                                   "run_program('import time\\ntime.sleep(120)', timeout=120)\n"], cwd=REPO)
     try:
         assert _wait_until(lambda: launchers() != [], timeout=30), "the sandbox never started"

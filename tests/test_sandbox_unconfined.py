@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from comol.errors import DataError
-from comol.eval import execute
-from comol.tools import sandbox_confine
-from comol.tools.sandbox import ConfinementUnavailable, evaluate_programs, run_program
+from comol.eval.code import confinement as sandbox_confine
+from comol.eval.code import samples as execute
+from comol.eval.code.sandbox import ConfinementUnavailable, evaluate_programs, run_program
 
 PROBLEM = {"task_id": "T/0", "prompt": "def add(a, b):\n", "entry_point": "add",
            "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"}

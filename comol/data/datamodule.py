@@ -9,9 +9,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from comol.data.clip import clip_row
 from comol.data.eval_split import eval_split
-from comol.data.loading import load_rows
+from comol.data.loading import drop_rows_in, load_rows
 from comol.data.packing import check_packable, collate_packed, layout_for, pack_rows
+from comol.data.pinned import train_source
 from comol.data.prompts import build_prompt
 from comol.data.toy_math import toy_math_splits
 from comol.errors import ConfigError
@@ -31,10 +33,12 @@ def encode_example(row: Mapping[str, Any], tokenizer, max_length: int, train_on_
     tokenizer would merge across the boundary. EOS is appended as an id, so it is learned even when
     the tokenizer's pad token is EOS (padding is masked by position in ``collate_left``).
     Labels equal the ids; with ``train_on_prompt=False`` the prompt positions are IGNORE_INDEX.
+    Fields far longer than ``max_length`` tokens are cut before tokenising (comol/data/clip.py).
     """
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no EOS token: training "
                           f"text is prompt + output + EOS")
+    row = clip_row(row, max_length, tokenizer)
     prompt_ids = tokenizer(build_prompt(row))["input_ids"]
     output_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
     ids = (list(prompt_ids) + list(output_ids) + [tokenizer.eos_token_id])[:max_length]
@@ -86,8 +90,10 @@ def dataset_splits(cfg: Mapping[str, Any]) -> dict[str, list[dict]]:
     if source == "files":
         if not cfg.get("train"):
             raise ConfigError("dataset.train is missing: expected a .json/.jsonl path or a hub dataset id")
-        out = {"train": load_rows(cfg["train"], split=cfg.get("split", "train"))}
+        out = {"train": load_rows(train_source(cfg), split=cfg.get("split", "train"))}
         out["val"] = load_rows(cfg["val"]) if cfg.get("val") else []
+        if cfg.get("drop_val_rows") and out["val"]:
+            out["train"] = drop_rows_in(out["train"], out["val"], f"dataset={cfg.get('name')}")
         return out
     if source == "eval_split":
         return eval_split(cfg)

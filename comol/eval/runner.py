@@ -14,7 +14,7 @@ from comol.data.prompts import build_prompt
 from comol.errors import ConfigError
 from comol.eval.commonsense_scoring import score_commonsense_row
 from comol.eval.eval_files import load_eval_rows, load_humaneval
-from comol.eval.execute import SAMPLES_SUFFIX, check_confinement, sample_rows, score_samples
+from comol.eval.code.samples import SAMPLES_SUFFIX, check_confinement, sample_rows, score_samples
 from comol.eval.generate import generate_responses
 from comol.eval.math_scoring import extract_last_number, is_aqua, math_correct, score_math_row
 from comol.io_utils import atomic_write_jsonl

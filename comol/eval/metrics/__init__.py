@@ -3,7 +3,7 @@
 ``load_metric("math_accuracy", config_name="gsm8k")`` and ``load_metric("code_pass_at_k")``
 return ``evaluate.EvaluationModule`` objects built from the folders next to this file; no
 network access is needed (a local folder path never reaches the Hugging Face Hub). The plain
-functions of :mod:`comol.eval.math_scoring` and :mod:`comol.tools.sandbox` compute the same
+functions of :mod:`comol.eval.math_scoring` and :mod:`comol.eval.code.sandbox` compute the same
 numbers and are what the pipeline calls directly.
 """
 

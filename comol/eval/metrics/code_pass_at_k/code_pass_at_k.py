@@ -2,7 +2,7 @@
 
 Each prediction is the list of candidate programs of one problem (prompt + completion); the
 matching reference is its test code followed by ``check(<entry_point>)``. Every candidate is
-executed as ``candidate + "\\n" + reference`` by comol.tools.sandbox.run_program::
+executed as ``candidate + "\\n" + reference`` by comol.eval.code.sandbox.run_program::
 
     metric = load_metric("code_pass_at_k")
     metric.compute(predictions=[[prompt + completion, ...]],
@@ -13,8 +13,8 @@ executed as ``candidate + "\\n" + reference`` by comol.tools.sandbox.run_program
 import datasets
 import evaluate
 
-from comol.tools.sandbox import evaluate_programs
-from comol.eval.passk import mean_pass_at_k
+from comol.eval.code.pass_at_k import mean_pass_at_k
+from comol.eval.code.sandbox import evaluate_programs
 
 _DESCRIPTION = """Unbiased pass@k (Chen et al., 2021) of candidate programs executed confined by
 the operating system (bubblewrap; refused when it is unavailable), where a candidate passes only

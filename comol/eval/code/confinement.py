@@ -23,9 +23,9 @@ import threading
 
 from comol.errors import ComolError
 
-#: Path of the launcher inside the sandbox (bound read-only from comol/tools/sandbox_child.py).
-LAUNCHER = "/.comol/sandbox_child.py"
-LAUNCHER_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+#: Path of the launcher inside the sandbox (bound read-only from comol/eval/code/launcher.py).
+LAUNCHER = "/.comol/launcher.py"
+LAUNCHER_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
 #: Working folder (and HOME, TMPDIR) inside the sandbox: a private tmpfs.
 WORKDIR = "/tmp"
 

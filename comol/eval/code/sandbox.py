@@ -2,7 +2,7 @@
 
 Layers (docs/evaluation.md, "Executing generated code", states exactly what is contained):
 
-1. **OS confinement** (default, :mod:`comol.tools.sandbox_confine`): bubblewrap gives every
+1. **OS confinement** (default, :mod:`comol.eval.code.confinement`): bubblewrap gives every
    run its own mount, PID, network, IPC, UTS and cgroup namespaces, a read-only view of only
    the interpreter and system libraries, private size-limited ``/tmp`` and ``/dev/shm``, and
    an unprivileged uid with no capabilities and ``no_new_privs``. Without a working ``bwrap``
@@ -10,12 +10,12 @@ Layers (docs/evaluation.md, "Executing generated code", states exactly what is c
    ``confine=False`` (``eval.allow_unconfined=true``), which the runner logs and records.
 2. **Resource limits** set by the launcher: address space, CPU time, file size, processes,
    open files, no core files; plus a wall-clock timeout after which the whole run is killed.
-3. **In-process guard** (:func:`comol.tools.sandbox_child.install_guard`, best effort).
+3. **In-process guard** (:func:`comol.eval.code.launcher.install_guard`, best effort).
 4. **Unforgeable pass**: a run passes only when the launcher writes a per-run random token to
    a pipe that is read back here; the exit code never makes a pass. HumanEval samples run
-   *split* (:class:`SplitProgram`): the completion runs in a child process that never holds the
+   *split* (:class:`SplitProgram`, built by :mod:`comol.eval.code.humaneval`): the completion runs in a child process that never holds the
    token, and the checks run in the launcher's own process, which calls the completion's
-   entry point over a pipe and takes only plain data back (see ``sandbox_child``).
+   entry point over a pipe and takes only plain data back (see ``launcher``).
 
 Status of a run: ``passed``, ``failed`` (an ``AssertionError``), ``timeout`` (wall clock or
 CPU limit) or ``error`` (anything else: other exceptions, early exits, blocked operations,
@@ -36,10 +36,10 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Sequence
+from typing import Hashable, Iterable
 
-from comol.tools import sandbox_child as child
-from comol.tools.sandbox_confine import (
+from comol.eval.code import launcher as child
+from comol.eval.code.confinement import (
     LAUNCHER,
     LAUNCHER_SOURCE,
     WORKDIR,
@@ -50,8 +50,8 @@ from comol.tools.sandbox_confine import (
     require_confinement,
 )
 
-__all__ = ["STATUSES", "ExecResult", "ConfinementUnavailable", "SplitProgram", "build_program", "run_program",
-           "evaluate_programs", "evaluate_humaneval", "describe_sandbox"]
+__all__ = ["STATUSES", "ExecResult", "ConfinementUnavailable", "SplitProgram", "run_program",
+           "evaluate_programs", "describe_sandbox"]
 
 STATUSES = ("passed", "failed", "timeout", "error")
 
@@ -82,31 +82,6 @@ class SplitProgram:
     program: str
     checks: str
     entry_point: str
-
-
-def build_program(problem: dict, completion: str) -> SplitProgram:
-    """A HumanEval sample: prompt + completion as the program, prompt + test as the checks."""
-    return SplitProgram(program=problem["prompt"] + completion + "\n", checks=_checks_source(problem),
-                        entry_point=problem["entry_point"])
-
-
-def _checks_source(problem: dict) -> str:
-    """prompt + test; a prompt whose last function has no body yet (no docstring) gets ``pass``."""
-    for filler in ("", "    pass\n"):
-        source = problem["prompt"] + filler + "\n" + problem["test"] + "\n"
-        try:
-            compile(source, "checks.py", "exec")
-            return source
-        except SyntaxError:
-            continue
-    return problem["prompt"] + "\n" + problem["test"] + "\n"   # the sandbox reports the error
-
-
-def whole_program(problem: dict, completion: str) -> str:
-    """The same sample as ONE program (prompt + completion + test + ``check(entry_point)``), as
-    other harnesses run it; the checks then share the completion's process (forgeable)."""
-    return (problem["prompt"] + completion + "\n" + problem["test"] + "\n"
-            + f"check({problem['entry_point']})\n")
 
 
 class _UidPool:
@@ -370,50 +345,3 @@ def evaluate_programs(
             results[futures[fut]] = fut.result()
             bar.update(1)
     return results
-
-
-def evaluate_humaneval(
-    problems: Sequence[dict],
-    completions: dict[str, Sequence[str]],
-    ks: Sequence[int] = (1, 5, 10),
-    workers: int = 4,
-    timeout: float = 3.0,
-    progress: bool = True,
-    **run_kwargs,
-) -> dict:
-    """Execute every completion of every problem and compute pass@k.
-
-    ``problems`` are the HumanEval rows to score (all of them, or a subset); each must have
-    at least one completion in ``completions`` (task_id -> list of completion strings, the
-    code that follows the prompt). Returns ``{"per_problem": [{task_id, n, c, statuses,
-    details}], "pass@k": {"pass@1": ...}}`` where only k <= the smallest n are reported.
-    """
-    from comol.eval.passk import mean_pass_at_k
-
-    by_id = {p["task_id"]: p for p in problems}
-    unknown = sorted(set(completions) - set(by_id))
-    if unknown:
-        raise ValueError(f"completions for unknown task_id(s): {', '.join(unknown[:5])}")
-    jobs = []
-    for p in problems:
-        comps = completions.get(p["task_id"])
-        if not comps:
-            raise ValueError(f"no completions for task_id {p['task_id']!r}")
-        jobs += [((p["task_id"], i), build_program(p, c)) for i, c in enumerate(comps)]
-    results = evaluate_programs(jobs, workers=workers, timeout=timeout, progress=progress,
-                                desc="humaneval", **run_kwargs)
-    per_problem = []
-    for p in problems:
-        n = len(completions[p["task_id"]])
-        res = [results[(p["task_id"], i)] for i in range(n)]
-        per_problem.append({
-            "task_id": p["task_id"],
-            "n": n,
-            "c": sum(r.passed for r in res),
-            "statuses": [r.status for r in res],
-            "details": [r.detail[-500:] for r in res],
-        })
-    return {
-        "per_problem": per_problem,
-        "pass@k": mean_pass_at_k([(r["n"], r["c"]) for r in per_problem], ks),
-    }

@@ -1,4 +1,4 @@
-"""The launcher that runs INSIDE the sandbox: ``python -I -B sandbox_child.py`` (stdlib only).
+"""The launcher that runs INSIDE the sandbox: ``python -I -B launcher.py`` (stdlib only).
 
 It reads one JSON document from stdin (limits, uid, the program), detaches stdin, sets the
 resource limits, drops to the sandbox uid when started as root and runs the program. The

@@ -1,6 +1,6 @@
 """Time the 164 canonical HumanEval solutions through the sandbox, whole program vs split, side by side.
 
-    python -m comol.tools.sandbox_bench [--rounds 2] [--workers 4]
+    python -m comol.eval.code.bench [--rounds 2] [--workers 4]
 
 Split (``build_program``) is how samples are scored; a whole program (``whole_program``) runs the checks in
 the program's own process, as other harnesses do. Every run must pass (164/164), or it exits 1.
@@ -12,11 +12,12 @@ import argparse
 import time
 
 from comol.eval.eval_files import humaneval_file, load_humaneval
-from comol.tools.sandbox import build_program, evaluate_programs, whole_program
+from comol.eval.code.humaneval import build_program, whole_program
+from comol.eval.code.sandbox import evaluate_programs
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m comol.tools.sandbox_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m comol.eval.code.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workers", type=int, default=4)
