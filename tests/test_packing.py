@@ -28,8 +28,9 @@ ADAPTERS = {
 
 
 def features(tok, n=6, seed=3, max_length=64):
+    """Rows of different lengths: half of them cut short, so long + short rows share bins."""
     rows = generate_toy_math(n, seed=seed)
-    feats = [encode_example(r, tok, max_length) for r in rows]
+    feats = [encode_example(r, tok, max_length if i % 2 else max_length // 3) for i, r in enumerate(rows)]
     assert len({len(f["input_ids"]) for f in feats}) > 1   # rows of different lengths: padding to remove
     return feats
 
