@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from comol import CONF_DIR, ROOT, in_checkout
@@ -19,7 +21,21 @@ def project_root() -> str:
     return str(ROOT if in_checkout() else Path.cwd())
 
 
+def wandb_group(group: str | None, *, _root_: DictConfig) -> str | None:
+    """``logger.wandb.group``: ``sweep.group`` when a sweep preset set it, else, in a multirun
+    (``python run.py -m ...``), the name of its dir (``hydra.sweep.dir``): every job of a launch in one
+    W&B group. A single run stays ungrouped."""
+    if group:
+        return group
+    hydra = _root_.get("hydra") if "hydra" in _root_ else (HydraConfig.get() if HydraConfig.initialized() else None)
+    if hydra is None or hydra.get("mode") != RunMode.MULTIRUN:
+        return None
+    return Path(str(hydra.sweep.dir)).name
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("comol_wandb_group"):
+        OmegaConf.register_new_resolver("comol_wandb_group", wandb_group)
     if not OmegaConf.has_resolver("comol_root"):
         OmegaConf.register_new_resolver("comol_root", project_root)
     if not OmegaConf.has_resolver("comol_data_dir"):  # $COMOL_DATA_DIR, else the bundled data/

@@ -25,6 +25,7 @@ from comol.models import load_backbone
 from comol.models.best_adapter import BestAdapterKeeper
 from comol.models.lit_module import AdapterLM
 from comol.models.progress import ProgressLog, StepProgressBar, on_terminal, quiet_libraries
+from comol.models.wandb_logger import log_job_outputs
 from comol.preflight import preflight
 from comol.run_dir import claim_run_dir
 from comol.training.checkpointing import RunCheckpoint, auto_every_n_steps, checkpoint_path
@@ -85,16 +86,20 @@ def finite_results(results: dict) -> dict:
 
 
 def evaluate_with_routing(model, tokenizer, cfg: DictConfig, out_dir: Path, toy_rows=None,
-                          preloaded=None) -> dict[str, float]:
+                          preloaded=None, routing_loads: dict | None = None) -> dict[str, float]:
     """``run_evaluation`` plus, for routed adapters, the routing summaries over the evaluation forwards
-    (``routing/mean_entropy``, ``routing/dead_experts``, ``routing/max_load_ratio``)."""
+    (``routing/mean_entropy``, ``routing/dead_experts``, ``routing/max_load_ratio``); ``routing_loads``
+    (a dict) receives the expert loads per module (``RoutingStats.loads()``) for the W&B heatmap."""
     evaluate = lambda: run_evaluation(model, tokenizer, _container(cfg.eval), out_dir,  # noqa: E731
                                       toy_rows=toy_rows, preloaded=preloaded)
     if not cfg.routing_stats or not hasattr(model, "comol_adapter_context"):
         return evaluate()
     with adapter_context(model).routing.collecting() as stats:
         metrics = evaluate()
-        return {**metrics, **stats.summary(per_module=False)}
+        summary = stats.summary(per_module=False)
+        if routing_loads is not None:
+            routing_loads.update(stats.loads())
+        return {**metrics, **summary}
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -199,13 +204,16 @@ def train_and_evaluate(cfg: DictConfig) -> dict[str, float]:
             save_adapter(model, out_dir / "adapter", base_model=_container(cfg.model),
                          extra={"seed": int(cfg.seed), "run_name": cfg.get("run_name"),
                                 "dataset": _container(cfg.dataset)})
+        loads: dict = {}
         metrics = evaluate_with_routing(model, tokenizer, cfg, out_dir, toy_rows=splits.get("test"),
-                                        preloaded=checked.eval_rows)
+                                        preloaded=checked.eval_rows, routing_loads=loads)
         results.update(metrics)
         for lg in loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
             if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
                 lg.experiment.summary.update(results)
+        log_job_outputs(loggers, out_dir, trainer.global_step, routing_loads=loads,
+                        adapter_dir=out_dir / "adapter" if cfg.get("save_adapter", True) else None)
         results = finite_results(results)
         atomic_write_json(out_dir / "results.json", results)
         ok = results.get("status") != "failed"
@@ -232,10 +240,13 @@ def evaluate_saved(cfg: DictConfig) -> dict[str, float]:
     loggers = build_loggers(cfg)
     ok = False
     try:
-        metrics = evaluate_with_routing(model, tokenizer, cfg, out_dir, toy_rows=toy_rows, preloaded=checked.eval_rows)
+        loads: dict = {}
+        metrics = evaluate_with_routing(model, tokenizer, cfg, out_dir, toy_rows=toy_rows, preloaded=checked.eval_rows,
+                                        routing_loads=loads)
         results = {"adapter_path": str(adapter_dir.resolve()), "adapter": adapter_cfg.name, **metrics}
         for lg in loggers:
             lg.log_metrics(metrics, step=0)
+        log_job_outputs(loggers, out_dir, 0, routing_loads=loads)
         write_results(out_dir, results, _container(cfg.eval))
         ok = True
         return results
@@ -258,6 +269,7 @@ def evaluate_base(cfg: DictConfig) -> dict[str, float]:
                    "train/steps": 0, **metrics}
         for lg in loggers:
             lg.log_metrics(metrics, step=0)
+        log_job_outputs(loggers, out_dir, 0)
         atomic_write_json(out_dir / "results.json", results)
         ok = True
         return results

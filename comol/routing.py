@@ -150,11 +150,8 @@ def routing_numbers(model: torch.nn.Module, tokenizer, prompts: Sequence[str], b
             model(**enc, logits_to_keep=1)
     finally:
         model.train(was_training)
-    modules = {}
-    for name, entry in loads.items():
-        layer, proj = split_name(name)
-        modules[name] = {"layer": layer, "projection": proj, **entry,
-                         **{k: summary[f"routing/{name}/{k}"] for k in ("entropy", "dead_experts", "max_load_ratio")}}
+    modules = {name: {**entry, **{k: summary[f"routing/{name}/{k}"] for k in ("entropy", "dead_experts", "max_load_ratio")}}
+               for name, entry in modules_of_loads(loads).items()}
     if module is None:
         layers = sorted({m["layer"] for m in modules.values() if m["layer"] is not None})
         middle = layers[len(layers) // 2] if layers else None
@@ -263,7 +260,23 @@ def by_projection(modules: dict[str, dict]) -> dict[str, list[tuple[int, str]]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+def modules_of_loads(loads: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
+    """``RoutingStats.loads()`` (module name -> {"load": [...], ...}) with each module's layer and projection."""
+    return {name: {"layer": split_name(name)[0], "projection": split_name(name)[1], **entry}
+            for name, entry in loads.items()}
+
+
 def plot_loads(plt, numbers: dict, path: Path) -> Path:
+    fig = loads_figure(plt, numbers["modules"], f"expert load x N (1 = uniform), {numbers['tokens']} prompt tokens")
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def loads_figure(plt, modules: dict[str, dict], title: str):
+    """The layer x expert heatmap of the loads (``load · N``: 1 = uniform), one panel per projection type;
+    ``modules``: name -> {"layer", "projection", "load"} (``modules_of_loads``). Returns the figure."""
+    numbers = {"modules": modules}
     groups = by_projection(numbers["modules"])
     cols = min(3, len(groups))
     rows = math.ceil(len(groups) / cols)
@@ -283,11 +296,9 @@ def plot_loads(plt, numbers: dict, path: Path) -> Path:
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
-    fig.suptitle(f"expert load x N (1 = uniform), {numbers['tokens']} prompt tokens")
+    fig.suptitle(title)
     fig.tight_layout()
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def plot_entropy(plt, numbers: dict, path: Path) -> Path:

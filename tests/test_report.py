@@ -39,6 +39,18 @@ def _csv_rows(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open()))
 
 
+def _md_rows(md: str) -> list[list[str]]:
+    """Every line of the markdown tables as its cells, stripped (the column-aligning padding and the
+    alignment lines left out): table.md is written by pandas' to_markdown, which pads cells to align them."""
+    return [[c.strip() for c in line.strip()[1:-1].split("|")] for line in md.splitlines()
+            if line.startswith("|") and not set(line.strip()) <= set("|-: ")]
+
+
+def _md_row(md: str, *cells: str) -> list[str] | None:
+    """The first table line whose leading cells are ``cells``."""
+    return next((r for r in _md_rows(md) if r[:len(cells)] == list(cells)), None)
+
+
 # ---------------------------------------------------------------------------------------------- a real tiny sweep
 
 @pytest.fixture(scope="module")
@@ -106,7 +118,7 @@ def test_report_table_from_the_tiny_sweep(tiny_sweep):
         params = {res["params/trainable"] for res in mine}
         assert len(params) == 1 and int(row["params_trainable"]) == params.pop()
         cell = f"{statistics.fmean(accs):.2f} ± {statistics.stdev(accs):.2f}"
-        assert f"| {row['method']} | {row['N']} |" in md and cell in md
+        assert cell in _md_row(md, row["method"], row["N"])[-1]
     # more experts -> more parameters; the router on x costs more than the router on A·x
     p = {(r["method"], int(r["N"])): int(r["params_trainable"]) for r in rows}
     assert p[("CoMoL", 16)] > p[("CoMoL", 8)] and p[("CoMoL w/o CR", 8)] > p[("CoMoL", 8)]
@@ -130,9 +142,11 @@ def test_report_lists_missing_and_failed_jobs_and_leaves_them_out(tiny_sweep, tm
     assert proc.returncode == 1, proc.stderr[-2000:]
     md = (broken / "report" / "table.md").read_text()
     assert "8 jobs: 6 ok, 1 failed, 1 missing" in md and "## Missing or failed jobs" in md
-    assert f"| 0 | failed | {jobs[0].name} | no results.json; train.log:" in md and "CUDA out of memory" in md
+    failed = _md_row(md, "0", "failed", jobs[0].name)
+    assert failed[3].startswith("no results.json; train.log:") and "CUDA out of memory" in failed[3]
     missing_overrides = " ".join(yaml.safe_load((tiny_sweep / jobs[-1].name / ".hydra" / "overrides.yaml").read_text()))
-    assert f"| 7 | missing | {missing_overrides} | no job dir: never started |" in md
+    assert _md_row(md, "7", "missing", missing_overrides) == ["7", "missing", missing_overrides,
+                                                             "no job dir: never started"]
     rows = {(r["method"], r["N"]): r for r in _csv_rows(broken / "report" / "table.csv")}
     assert rows[("CoMoL w/o CR", "8")]["toy_math n"] == "1/2"   # job 0's row
     assert rows[("CoMoL", "16")]["toy_math n"] == "1/2"          # job 7's row, attributed from its overrides
@@ -173,9 +187,9 @@ def test_code_table_has_a_block_per_backbone_with_pass_at_k(tmp_path):
     sweep = _fabricate(tmp_path, "table4", [], metrics)
     result = report(sweep)
     md = result["markdown"]
-    head = next(l for l in md.splitlines() if l.startswith("| Method"))
-    assert head == ("| Method | llama31_8b: Params | llama31_8b: pass@1 | llama31_8b: pass@5 | llama31_8b: pass@10 "
-                    "| qwen3_8b: Params | qwen3_8b: pass@1 | qwen3_8b: pass@5 | qwen3_8b: pass@10 |")
+    assert _md_rows(md)[0] == ["Method", "llama31_8b: Params", "llama31_8b: pass@1", "llama31_8b: pass@5",
+                               "llama31_8b: pass@10", "qwen3_8b: Params", "qwen3_8b: pass@1", "qwen3_8b: pass@5",
+                               "qwen3_8b: pass@10"]
     rows = _csv_rows(sweep / "report" / "table.csv")
     assert [r["method"] for r in rows] == ["LoRA", "DenseLoRA", "FlyLoRA", "MoLoRA", "HydraLoRA", "MoLA", "AdaMoLE",
                                            "CoMoL"]
@@ -183,7 +197,7 @@ def test_code_table_has_a_block_per_backbone_with_pass_at_k(tmp_path):
     assert float(lora["llama31_8b: pass@1 mean"]) == pytest.approx(100 * (0.31 + 0.01 + 0.02), abs=1e-3)
     assert float(lora["qwen3_8b: pass@10 std"]) == pytest.approx(100 * statistics.stdev([0, 0.02, 0.04]), abs=1e-3)
     assert lora["llama31_8b: params_trainable"] == "16000" and rows[1]["qwen3_8b: params_trainable"] == "256000"
-    assert "| LoRA | 16.0K | 34.00 ± 2.00 |" in md
+    assert _md_row(md, "LoRA", "16.0K", "34.00 ± 2.00")
     assert not list((sweep / "report").glob("*.png"))  # no swept axis, no plot
 
 
@@ -197,9 +211,9 @@ def test_math_table_columns_in_paper_order_with_mean_and_robust_aqua(tmp_path):
 
     sweep = _fabricate(tmp_path, "table2", ["experiment=math14k/qwen3_8b/lora,math14k/qwen3_8b/comol"], metrics)
     md = report(sweep)["markdown"]
-    head = next(l for l in md.splitlines() if l.startswith("| Method"))
-    assert head == "| Method | Params | AddSub | AQuA | gsm8k | MultiArith | SingleEq | SVAMP | Avg. | AQuA (robust) |"
-    assert "| LoRA | 123.46M | 50.10 ± 0.10 |" in md and "| CoMoL | 123.46M |" in md
+    assert _md_rows(md)[0] == ["Method", "Params", "AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP",
+                               "Avg.", "AQuA (robust)"]
+    assert _md_row(md, "LoRA", "123.46M", "50.10 ± 0.10") and _md_row(md, "CoMoL", "123.46M")
 
 
 def test_rank_sweep_plots_one_line_per_method(tmp_path):
@@ -212,7 +226,7 @@ def test_rank_sweep_plots_one_line_per_method(tmp_path):
     rows = _csv_rows(sweep / "report" / "table.csv")
     assert [(r["method"], r["r"]) for r in rows] == [("LoRA", str(r)) for r in (8, 16, 32, 64, 128)] + [
         ("CoMoL", str(r)) for r in (8, 16, 32, 64, 128)]
-    assert rows[3]["pass@1 n"] == "0/1" and "– (0/1)" in result["markdown"] and "| 3 | missing |" in result["markdown"]
+    assert rows[3]["pass@1 n"] == "0/1" and "– (0/1)" in result["markdown"] and _md_row(result["markdown"], "3", "missing")
     for name in ("accuracy_vs_r.png", "params_vs_r.png"):
         _assert_png(sweep / "report" / name)
 
@@ -259,8 +273,8 @@ def test_unreadable_job_is_named_and_the_rest_reported(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = (sweep / "report" / "table.md").read_text()
     assert "10 jobs: 8 ok, 0 failed, 0 missing, 2 unreadable" in md
-    assert f"| 2 | unreadable | {dirs[2].name} | {dirs[2] / 'results.json'}: not valid JSON" in md
-    assert f"| 4 | unreadable | {dirs[4].name} | {dirs[4] / 'config.yaml'}: not valid YAML" in md
+    assert _md_row(md, "2", "unreadable", dirs[2].name)[3].startswith(f"{dirs[2] / 'results.json'}: not valid JSON")
+    assert _md_row(md, "4", "unreadable", dirs[4].name)[3].startswith(f"{dirs[4] / 'config.yaml'}: not valid YAML")
     rows = {(r["method"], r["r"]): r for r in _csv_rows(sweep / "report" / "table.csv")}
     assert rows[("LoRA", "32")]["pass@1 n"] == "0/1"      # attributed by its readable config, not averaged
     assert float(rows[("LoRA", "8")]["pass@1 mean"]) == pytest.approx(10.0, abs=1e-6)
@@ -289,3 +303,32 @@ def test_params_column_reads_zero_for_the_untrained_base_row():
 
     assert fmt_params([0]) == "0" and fmt_params([12_345]) == "12.3K" and fmt_params([2_856_960]) == "2.86M"
     assert fmt_params([0, 2_856_960]) == "0–2.86M" and fmt_params([]) == "–"
+
+
+def test_a_new_metric_name_reaches_the_table_without_touching_the_report(tmp_path):
+    """Metric columns come from the results keys (eval/<task>/<set>/<metric>, eval/<task>/<metric>), not a list:
+    a task the report has never heard of, scored by F1, shows up in table.md and table.csv."""
+    def metrics(j):
+        f1 = {"newset": 0.5 + 0.1 * j.num, "otherset": 0.25}
+        return {"params/trainable": 1000, **{f"eval/newtask/{s}/f1": v for s, v in f1.items()},
+                "eval/newtask/mean_f1": statistics.fmean(f1.values()), "eval/newtask/newset/exact": 0.125}
+
+    master, jobs = expand(None, ["adapter=lora", "seed=0,1"])
+    out = tmp_path / "new"
+    out.mkdir()
+    OmegaConf.save(master, out / "multirun.yaml")
+    for j in jobs:
+        d = out / j.summary["subdir"]
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(j.overrides))
+        (d / "config.yaml").write_text(yaml.safe_dump({"method": "lora", "seed": j.summary["seed"],
+                                                       "model": {"name": "tiny_qwen3"}, "adapter": j.summary["adapter"]}))
+        (d / "results.json").write_text(json.dumps(metrics(j)))
+    md = report(out)["markdown"]
+    assert _md_rows(md)[0] == ["Method", "Params", "newset f1", "otherset f1", "Avg. f1", "newset exact"]
+    newset = [100 * (0.5 + 0.1 * n) for n in (0, 1)]
+    assert _md_row(md, "lora", "1.0K")[2] == f"{statistics.fmean(newset):.2f} ± {statistics.stdev(newset):.2f}"
+    (row,) = _csv_rows(out / "report" / "table.csv")
+    assert float(row["newset f1 mean"]) == pytest.approx(statistics.fmean(newset))
+    assert float(row["Avg. f1 mean"]) == pytest.approx(statistics.fmean([statistics.fmean([v, 25.0]) for v in newset]))
+    assert float(row["newset exact mean"]) == pytest.approx(12.5) and row["newset exact std"] == "0.0" and row["newset exact n"] == "2/2"

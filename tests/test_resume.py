@@ -115,7 +115,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
 def test_hard_kill_then_resume_from_periodic_checkpoint_equals_uninterrupted_run(uninterrupted, tmp_path):
     """SIGKILL in the middle of step 6: nothing is saved at the kill; resume=true continues from the step-4
     periodic checkpoint. Lightning writes each row to metrics.csv as it is logged, so the killed run's file
-    holds rows logged after that checkpoint (train/loss of steps 4 and 5, val/loss of step 5): the resumed
+    holds rows logged after that checkpoint (train/loss of steps 4 and 5, val/loss of step 6): the resumed
     run drops them and logs those steps again, once."""
     out = tmp_path / "killed"
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
@@ -126,7 +126,7 @@ def test_hard_kill_then_resume_from_periodic_checkpoint_equals_uninterrupted_run
     assert not (out / "adapter").exists() and not (out / "results.json").exists()
     killed = csv_rows(out)   # rows past the checkpoint are on disk: the resume has to drop them
     assert [s for s, _ in losses(killed)] == list(range(6))
-    assert [s for s, _ in losses(killed, "val/loss")] == [2, 5]
+    assert [s for s, _ in losses(killed, "val/loss")] == [3, 6]   # logged at the step they measured
 
     results = run(cfg_for(out, "logger=csv", "resume=true"))
     assert results["train/steps"] == 12 and results["train/resumed_from_step"] == 4
@@ -180,6 +180,22 @@ def test_continue_csv_drops_rows_after_the_checkpoint_and_a_row_cut_short_by_a_k
     lg.save()
     assert _csv_steps(path) == list(range(9))
     assert not any(p.name.startswith(".") for p in path.parent.iterdir())
+
+
+def test_continue_csv_keeps_the_validation_row_of_the_checkpoint_step(tmp_path):
+    """val/loss is logged at the step it measured (AdapterLM); the checkpoint of step G is saved when the next
+    batch starts, after that validation: its row (step G) stays, the training row of step G (logged after the
+    save) goes."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    lg = CSVLogger(tmp_path, name="csv", version=0)
+    path = Path(lg.log_dir) / "metrics.csv"
+    path.parent.mkdir(parents=True)
+    lines = ["epoch,lr,step,train/loss,val/loss", "0,0.1,3,6.0,", "0,,4,,5.5", "0,0.1,4,5.9,", "0,,5,,5.4"]
+    path.write_text("\r\n".join(lines) + "\r\n", newline="")
+    continue_csv([lg], {"global_step": 4})
+    rows = list(csv.DictReader(open(path, newline="")))
+    assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [("3", "6.0", ""), ("4", "", "5.5")]
 
 
 def test_continue_csv_recovers_the_rows_a_killed_resume_left_aside(tmp_path):

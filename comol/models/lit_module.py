@@ -66,13 +66,15 @@ class AdapterLM(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         return loss
 
-    # -- routing statistics: recorded in training forwards, logged at the logging interval ------
+    # -- routing statistics: recorded in one training batch in N, logged at that batch's step ----
     def on_fit_start(self) -> None:
         self.context.routing.enabled = False
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # recording costs a few small ops per routed module (launch-bound on a GPU): sample 1 batch in N
         self.context.routing.enabled = self.routing_stats and batch_idx % self.routing_stats_every == 0
+        # the optimizer steps done before this forward: the step Lightning logs this batch's train/loss at
+        self._routing_step = self.trainer.global_step
 
     def on_fit_end(self) -> None:
         self.context.routing.enabled = False
@@ -86,17 +88,27 @@ class AdapterLM(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         routing = self.context.routing
-        step = self.trainer.global_step
-        if self.routing_stats and step > 0 and step % self.trainer.log_every_n_steps == 0 and step != getattr(self, "_routing_step", -1):
-            self._routing_step = step
-            stats = routing.summary()  # the one host sync, at the logging interval
-            routing.reset()
-            if stats:
-                self.log_dict(stats, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
+        if not (self.routing_stats and routing.enabled):
+            return
+        stats = routing.summary()  # the one host sync, on the recorded batch only
+        routing.reset()
+        if stats:
+            # to the loggers at the recorded step only (self.log would repeat the value at every later
+            # logging step until the next record); callbacks still see the latest values
+            self.log_dict(stats, on_step=True, on_epoch=False, logger=False, batch_size=batch["input_ids"].shape[0])
+            for lg in self.loggers:
+                lg.log_metrics(stats, step=self._routing_step)
 
     def validation_step(self, batch, batch_idx):
         out = self(batch)
         self.log("val/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        # Lightning would log validation metrics at the count of batches that stepped *before* this
+        # one's step (global_step - 1 after a training batch): plot val/loss at the optimizer step whose
+        # weights it measured ("step" is Lightning's key for the logging step)
+        if not self.trainer.sanity_checking:
+            self.log("step", float(self.trainer.global_step), on_step=False, on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

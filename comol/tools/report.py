@@ -18,23 +18,24 @@ overrides in the claim the job wrote (``.comol_run.json``), else ``.hydra/overri
 
 from __future__ import annotations
 
-import csv
-import io
+import argparse
 import json
 import math
 import re
-import statistics
 import sys
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
+import pandas as pd
 import yaml
+from omegaconf import DictConfig, OmegaConf
+
+import comol.config  # noqa: F401  (registers ${comol_root:} for .hydra/config.yaml)
+from comol.run_dir import read_claim
+from comol.tools.sweeps import _hydra, overrides_from_multirun_yaml
 
 AXES = (("N", "adapter.num_experts"), ("r", "adapter.r"))   # swept hyperparameters that become row keys
-METRIC_RE = re.compile(r"^eval/(?P<task>[^/]+)/(?P<set>[^/]+)/(?P<metric>acc|acc_robust|pass@\d+)$")
-MEAN_RE = re.compile(r"^eval/(?P<task>[^/]+)/mean_acc$")
 
 
 @dataclass
@@ -60,8 +61,6 @@ def _lookup(node: Any, dotted: str) -> Any:
 
 def _job_info(cfg: Any) -> dict:
     """The keys the report needs from a job config (a resolved dict, or a DictConfig resolved key by key)."""
-    from omegaconf import DictConfig, OmegaConf
-
     def get(key):
         if isinstance(cfg, DictConfig):
             try:
@@ -86,9 +85,6 @@ def _read_config(job_dir: Path) -> Any:
         return yaml.safe_load(resolved.read_text()) or {}
     raw = job_dir / ".hydra" / "config.yaml"
     if raw.is_file():
-        import comol.config  # noqa: F401  (${comol_root:})
-        from omegaconf import OmegaConf
-
         return OmegaConf.load(raw)
     return None
 
@@ -123,18 +119,12 @@ def _expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     multirun = sweep_dir / "multirun.yaml"
     if not multirun.is_file():
         return None
-    from comol.tools.sweeps import overrides_from_multirun_yaml
-
     return overrides_from_multirun_yaml(multirun)
 
 
 def _compose_missing(sweep_dir: Path, overrides: list[str]) -> dict:
     """Row attribution for a job that never started: compose its config as the launcher would."""
     try:
-        from omegaconf import OmegaConf
-
-        from comol.tools.sweeps import _hydra
-
         master = OmegaConf.load(sweep_dir / "multirun.yaml")
         with _hydra() as (_, loader):
             cfg = loader.load_sweep_config(master, list(overrides))
@@ -165,8 +155,6 @@ def _read_json(path: Path) -> dict:
 def _job_overrides(job_dir: Path) -> list[str]:
     """The job's own command-line overrides: recorded in its claim by the job itself (comol/run_dir.py),
     else Hydra's .hydra/overrides.yaml."""
-    from comol.run_dir import read_claim
-
     claim = read_claim(job_dir)
     if claim and isinstance(claim.get("overrides"), list):
         return [str(o) for o in claim["overrides"]]
@@ -186,7 +174,7 @@ def _read_job(d: Path) -> JobRecord:
     except (OSError, yaml.YAMLError, ValueError) as e:
         name = "config.yaml" if (d / "config.yaml").is_file() else ".hydra/config.yaml"
         raise Unreadable(f"{d / name}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if cfg is not None and not isinstance(cfg, dict) and not OmegaConf_is_config(cfg):
+    if cfg is not None and not isinstance(cfg, dict) and not OmegaConf.is_config(cfg):
         raise Unreadable(f"{d / 'config.yaml'}: expected a mapping, got {type(cfg).__name__}")
     info = _job_info(cfg) if cfg is not None else {}
     res_file = d / "results.json"
@@ -200,12 +188,6 @@ def _read_job(d: Path) -> JobRecord:
             return JobRecord(_job_num(d), overrides, "failed", d, reason=failed, info=info)
         return JobRecord(_job_num(d), overrides, "ok", d, info=info, results=results)
     return JobRecord(_job_num(d), overrides, "failed", d, reason=_failure_reason(d), info=info)
-
-
-def OmegaConf_is_config(obj: Any) -> bool:  # noqa: N802 - a lazy import of OmegaConf.is_config
-    from omegaconf import OmegaConf
-
-    return OmegaConf.is_config(obj)
 
 
 def load_jobs(sweep_dir: str | Path, notes: list[str] | None = None) -> list[JobRecord]:
@@ -251,6 +233,98 @@ def load_jobs(sweep_dir: str | Path, notes: list[str] | None = None) -> list[Job
     return records
 
 
+# ----------------------------------------------------------------------------------------------- one row per job
+
+#: results keys that describe how a score was obtained, not a score (``eval/code/<set>/confined``)
+NOT_SCORES = frozenset({"confined"})
+#: the metric a column label leaves out: cells are % accuracy unless the label names another metric
+UNIT = "acc"
+INFO = ["num", "status", "method", "model", "seed", "N", "r", "dir", "overrides", "reason"]
+
+
+def jobs_frame(records: Sequence[JobRecord]) -> pd.DataFrame:
+    """One row per job: its number, status, attribution (method, backbone, seed, N, r), dir, overrides, the
+    reason it is not counted, then every ``eval/...`` and ``params/...`` value of its results.json."""
+    rows = []
+    for r in records:
+        row = {"num": r.num, "status": r.status, **{k: r.info.get(k) for k in ("method", "model", "seed", "N", "r")},
+               "dir": r.dir.name if r.dir else "", "overrides": " ".join(r.overrides), "reason": r.reason}
+        row.update({k: v for k, v in r.results.items() if k.startswith(("eval/", "params/"))})
+        rows.append(row)
+    keys = list(dict.fromkeys(k for row in rows for k in row if k not in INFO))
+    return pd.DataFrame(rows, columns=INFO + keys, dtype=object)
+
+
+def _metric_parts(key: str) -> tuple[str, str | None, str] | None:
+    """``eval/<task>/<set>/<metric>`` -> (task, set, metric); ``eval/<task>/<metric>`` -> (task, None, metric)."""
+    parts = key.split("/")
+    if parts[0] != "eval" or len(parts) not in (3, 4) or parts[-1] in NOT_SCORES:
+        return None
+    return (parts[1], parts[2], parts[3]) if len(parts) == 4 else (parts[1], None, parts[2])
+
+
+def _natural(text: str) -> tuple:
+    """pass@5 before pass@10."""
+    return tuple((0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", text) if t)
+
+
+def primary_metric(task: str, keys: Iterable[str]) -> str | None:
+    """The results key of ``task``'s headline metric among ``keys``: its mean over the sets
+    (``eval/<task>/mean_<metric>``) when it reports one, else the first per-set metric in natural order
+    (``pass@1`` before ``pass@10``). The one place that decides it (report columns and plots)."""
+    mine = [(k, p) for k in keys if (p := _metric_parts(k)) and p[0] == task]
+    means = [k for k, (_, s, m) in mine if s is None and m.startswith("mean_")]
+    if means:
+        return means[0]
+    per_set = sorted((k for k, (_, s, _m) in mine if s is not None), key=lambda k: _natural(k.rsplit("/", 1)[1]))
+    return per_set[0] if per_set else (mine[0][0] if mine else None)
+
+
+def metric_columns(keys: Iterable[str], set_order: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """(results key, label) of every score column, taken from the results keys themselves: per task, the sets
+    of its primary metric (in the eval config's order), then its means over sets, then its other metrics."""
+    order = {s: i for i, s in enumerate(dict.fromkeys(set_order))}
+    tasks: dict[str, dict] = {}
+    keys = list(dict.fromkeys(keys))
+    for key in keys:
+        if (p := _metric_parts(key)) is None:
+            continue
+        task, set_name, metric = p
+        t = tasks.setdefault(task, {"sets": {}, "means": []})
+        if set_name is None:
+            t["means"].append(metric)
+        else:
+            t["sets"].setdefault(metric, []).append(set_name)
+    out = []
+    for task, t in tasks.items():
+        head = primary_metric(task, keys)
+        first = head.rsplit("/", 1)[1] if head else None
+        if head and head.count("/") == 2 and first.startswith("mean_"):
+            first = first[len("mean_"):]
+        n_sets = len({s for sets in t["sets"].values() for s in sets})
+        prefix = f"{task} " if len(tasks) > 1 else ""
+
+        def label(set_name: str, metric: str) -> str:
+            shown = None if metric == UNIT else (f"({metric[len(UNIT) + 1:]})" if metric.startswith(f"{UNIT}_") else metric)
+            return " ".join(x for x in (set_name if n_sets > 1 or shown is None else None, shown) if x)
+
+        def per_set(metric: str) -> list[tuple[str, str]]:
+            sets = sorted(t["sets"][metric], key=lambda s: (order.get(s, len(order)), s))
+            return [(f"eval/{task}/{s}/{metric}", label(s, metric)) for s in sets]
+
+        if first in t["sets"]:
+            out += per_set(first)
+        for mean in t["means"]:
+            of = mean[len("mean_"):] if mean.startswith("mean_") else None
+            if of is not None and len(t["sets"].get(of, ())) < 2:
+                continue   # the mean of one set is that set's column
+            name = mean if of is None else "Avg." if of == UNIT else f"Avg. {of}"
+            out.append((f"eval/{task}/{mean}", prefix + name))
+        for metric in sorted((m for m in t["sets"] if m != first), key=_natural):
+            out += per_set(metric)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- the table
 
 @dataclass
@@ -266,100 +340,49 @@ class Table:
     axes: list[str]                    # e.g. ["N"]
     models: list[str | None]
     columns: list[Column]
-    rows: list[dict]                   # method, axis values, per-model params, per-column values
+    jobs: pd.DataFrame                 # one row per job (jobs_frame)
+    cells: pd.DataFrame                # index: method (+ axes); columns: (model, key, mean|std|n|expected), params
     records: list[JobRecord]
     notes: list[str] = field(default_factory=list)   # problems with the launch itself
 
 
-def _ordered_metric_keys(records: list[JobRecord]) -> list[tuple[str, str]]:
-    """(results key, label) of every metric column, in the eval config's set order."""
-    found: "OrderedDict[str, dict]" = OrderedDict()   # task -> {"sets": [...], "mean": bool, "robust": [...], "pass": {set: [k]}}
-    set_order: dict[str, int] = {}
-    for r in records:
-        for i, s in enumerate(r.info.get("eval_sets") or []):
-            set_order.setdefault(s, i)
-    for r in records:
-        if r.status != "ok":
-            continue
-        for key in r.results:
-            m, mm = METRIC_RE.match(key), MEAN_RE.match(key)
-            if mm:
-                found.setdefault(mm["task"], {"sets": [], "mean": False, "robust": [], "pass": OrderedDict()})["mean"] = True
-            elif m:
-                t = found.setdefault(m["task"], {"sets": [], "mean": False, "robust": [], "pass": OrderedDict()})
-                if m["metric"] == "acc" and m["set"] not in t["sets"]:
-                    t["sets"].append(m["set"])
-                elif m["metric"] == "acc_robust" and m["set"] not in t["robust"]:
-                    t["robust"].append(m["set"])
-                elif m["metric"].startswith("pass@"):
-                    ks = t["pass"].setdefault(m["set"], [])
-                    k = int(m["metric"][5:])
-                    if k not in ks:
-                        ks.append(k)
-    out = []
-    for task, t in found.items():
-        for s in sorted(t["sets"], key=lambda s: (set_order.get(s, 1 << 20), s)):
-            out.append((f"eval/{task}/{s}/acc", s))
-        if t["mean"] and len(t["sets"]) > 1:
-            out.append((f"eval/{task}/mean_acc", "Avg." if len(found) == 1 else f"{task} Avg."))
-        for s, ks in t["pass"].items():
-            for k in sorted(ks):
-                out.append((f"eval/{task}/{s}/pass@{k}", f"pass@{k}" if len(t["pass"]) == 1 else f"{s} pass@{k}"))
-        for s in t["robust"]:
-            out.append((f"eval/{task}/{s}/acc_robust", f"{s} (robust)"))
-    return out
+def _num_sort(v):
+    return (0, v) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, str(v))
 
 
 def build_table(records: list[JobRecord], title: str = "") -> Table:
-    attributed = [r for r in records if r.info.get("method")]
+    jobs = jobs_frame(records)
+    attributed = jobs[jobs["method"].notna()].assign(model=lambda f: f["model"].fillna("?"))
     # an axis is a row key when some method takes several values of it in this sweep
-    axes = []
-    for label, _ in AXES:
-        per_method: dict[str, set] = {}
-        for r in attributed:
-            if r.info.get(label) is not None:
-                per_method.setdefault(r.info["method"], set()).add(r.info[label])
-        if any(len(v) > 1 for v in per_method.values()):
-            axes.append(label)
-    models = list(OrderedDict.fromkeys(r.info.get("model") for r in attributed))
+    axes = [a for a, _ in AXES if attributed.dropna(subset=[a]).groupby("method")[a].nunique().gt(1).any()]
+    models = list(dict.fromkeys(attributed["model"]))
+    ok = attributed[attributed["status"] == "ok"]
+    set_order = [s for r in records for s in (r.info.get("eval_sets") or [])]
+    metrics = metric_columns([k for k in ok.columns if k not in INFO and ok[k].notna().any()], set_order)
+    keys = [k for k, _ in metrics]
     multi = len(models) > 1
-    metrics = _ordered_metric_keys(records)
     columns = [Column(m, key, f"{m}: {label}" if multi else label) for m in models for key, label in metrics]
 
-    def row_key(r):
-        return (r.info["method"], *(r.info.get(a) for a in axes))
-
-    groups: "OrderedDict[tuple, list[JobRecord]]" = OrderedDict()
-    for r in sorted(attributed, key=lambda r: (r.num is None, r.num or 0)):
-        groups.setdefault(row_key(r), []).append(r)
-    # keep the sweep's method order; within a method, ascending axis values
-    method_order = list(OrderedDict.fromkeys(k[0] for k in groups))
-    keys = sorted(groups, key=lambda k: (method_order.index(k[0]), *(_num_sort(v) for v in k[1:])))
-    rows = []
-    for k in keys:
-        jobs = groups[k]
-        row = {"method": k[0], **{a: v for a, v in zip(axes, k[1:])}, "cells": {}, "params": {}, "jobs": jobs}
-        for m in models:
-            mine = [j for j in jobs if j.info.get("model") == m]
-            ok = [j for j in mine if j.status == "ok"]
-            params = sorted({j.results["params/trainable"] for j in ok if "params/trainable" in j.results})
-            row["params"][m] = params
-            for col in (c for c in columns if c.model == m):
-                vals = [float(j.results[col.key]) for j in ok if col.key in j.results]
-                row["cells"][(m, col.key)] = {"values": vals, "expected": len(mine)}
-        rows.append(row)
-    return Table(title, axes, models, columns, rows, records)
-
-
-def _num_sort(v):
-    return (0, v) if isinstance(v, (int, float)) else (1, str(v))
-
-
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+    by = ["method", *axes, "model"]
+    grouped = lambda frame: frame.groupby(by, dropna=False, sort=False)  # noqa: E731
+    expected = grouped(attributed).size()
+    parts: dict[tuple, pd.Series] = {}
+    if keys:
+        numeric = ok[by].join(ok[keys].apply(pd.to_numeric, errors="coerce"))
+        stats = grouped(numeric)[keys].agg(["mean", "std", "count"]).reindex(expected.index)
+        for k in keys:   # std: sample std (ddof=1), NaN for one seed
+            parts.update({(k, "mean"): stats[(k, "mean")], (k, "std"): stats[(k, "std")],
+                          (k, "n"): stats[(k, "count")].fillna(0), (k, "expected"): expected})
+    params = (grouped(ok)["params/trainable"].apply(lambda s: sorted({int(v) for v in s.dropna()}))
+              if len(ok) and "params/trainable" in ok else pd.Series(dtype=object))
+    parts[("params", "")] = params.reindex(expected.index)
+    cells = pd.DataFrame(parts, index=expected.index).unstack("model")   # one block of columns per backbone
+    cells.columns = cells.columns.reorder_levels([2, 0, 1])             # (model, key, stat)
+    # rows: the sweep's method order; within a method, ascending axis values
+    first = {m: i for i, m in enumerate(dict.fromkeys(attributed["method"]))}
+    cells = cells.reindex(sorted(cells.index, key=lambda k: (first[k[0]], *map(_num_sort, k[1:])) if axes
+                                 else first[k]))
+    return Table(title, axes, models, columns, jobs, cells, records)
 
 
 def fmt_params(values: list[int]) -> str:
@@ -369,107 +392,105 @@ def fmt_params(values: list[int]) -> str:
     return f(values[0]) if len(values) == 1 else f"{f(values[0])}–{f(values[-1])}"
 
 
-def fmt_cell(cell: dict) -> str:
-    vals, expected = cell["values"], cell["expected"]
-    mean, std = mean_std(vals)
-    if mean is None:
+def fmt_cell(mean: float, std: float, n: int, expected: int) -> str:
+    if n == 0 or pd.isna(mean):
         return f"– (0/{expected})" if expected else "–"
-    text = f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
-    if len(vals) < expected:
-        text += f" (n={len(vals)}/{expected})"
-    return text
+    text = f"{100 * mean:.2f}" + ("" if pd.isna(std) else f" ± {100 * std:.2f}")
+    return text + (f" (n={n}/{expected})" if n < expected else "")
+
+
+def _cell(t: Table, row, model, key: str, stat: str):
+    value = t.cells.loc[row, (model, key, stat)]
+    return int(0 if pd.isna(value) else value) if stat in ("n", "expected") else value
+
+
+def _params(t: Table, row, model) -> list[int]:
+    value = t.cells.loc[row, (model, "params", "")]
+    return value if isinstance(value, list) else []
+
+
+def _row_keys(t: Table, row) -> list:
+    """method and axis values of a row (a missing axis value: "–")."""
+    return [row] if not t.axes else [row[0], *("–" if pd.isna(v) else v for v in row[1:])]
+
+
+def display_frame(t: Table) -> pd.DataFrame:
+    """The table as shown in table.md: one string per cell."""
+    out = []
+    for row in t.cells.index:
+        line = dict(zip(["Method", *t.axes], (str(v) for v in _row_keys(t, row))))
+        for m in t.models:
+            line[f"{m}: Params" if len(t.models) > 1 else "Params"] = fmt_params(_params(t, row, m))
+            for c in (c for c in t.columns if c.model == m):
+                line[c.label] = fmt_cell(*(_cell(t, row, m, c.key, s) for s in ("mean", "std", "n", "expected")))
+        out.append(line)
+    return pd.DataFrame(out, columns=list(out[0]) if out else ["Method"])
 
 
 def to_markdown(t: Table) -> str:
-    multi = len(t.models) > 1
-    head = ["Method", *t.axes]
-    for m in t.models:
-        head.append(f"{m}: Params" if multi else "Params")
-        head += [c.label for c in t.columns if c.model == m]
-    align = ["---"] + ["---:"] * (len(head) - 1)
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
-    for row in t.rows:
-        cells = [row["method"], *(str(row[a]) for a in t.axes)]
-        for m in t.models:
-            cells.append(fmt_params(row["params"][m]))
-            cells += [fmt_cell(row["cells"][(m, c.key)]) for c in t.columns if c.model == m]
-        lines.append("| " + " | ".join(cells) + " |")
-    counts = {s: sum(r.status == s for r in t.records) for s in ("ok", "failed", "missing", "unreadable")}
-    seeds = sorted({r.info.get("seed") for r in t.records if r.info.get("seed") is not None}, key=_num_sort)
+    shown = display_frame(t)
+    table = shown.to_markdown(index=False, colalign=["left"] + ["right"] * (shown.shape[1] - 1),
+                                                  disable_numparse=True) if len(shown) else ""
+    status = t.jobs["status"]
+    counts = {s: int((status == s).sum()) for s in ("ok", "failed", "missing", "unreadable")}
+    seeds = sorted(t.jobs["seed"].dropna().unique(), key=_num_sort)
     out = [f"# {t.title}" if t.title else "", "",
-           f"{len(t.records)} jobs: {counts['ok']} ok, {counts['failed']} failed, {counts['missing']} missing"
+           f"{len(t.jobs)} jobs: {counts['ok']} ok, {counts['failed']} failed, {counts['missing']} missing"
            f"{f', {n} unreadable' if (n := counts['unreadable']) else ''}; "
-           f"seeds {', '.join(map(str, seeds)) or '–'}. Cells: % (accuracy or pass@k), mean ± sample std over seeds; "
-           "(n=a/b): only a of the row's b jobs have results. Params: trainable parameters.", "", *lines]
+           f"seeds {', '.join(map(str, seeds)) or '–'}. Cells: % (accuracy unless the column names another metric, "
+           "e.g. pass@k), mean ± sample std over seeds; (n=a/b): only a of the row's b jobs have results. "
+           "Params: trainable parameters.", "", table]
     if t.notes:
         out += ["", *(f"Note: {n}" for n in t.notes)]
-    bad = [r for r in t.records if r.status != "ok"]
-    if bad:
-        out += ["", "## Missing or failed jobs (not in the averages)", "", "| # | status | job | reason |",
-                "|---:|---|---|---|"]
-        for r in bad:
-            where = r.dir.name if r.dir else " ".join(r.overrides)
-            out.append(f"| {'' if r.num is None else r.num} | {r.status} | {where} | {r.reason} |")
+    bad = t.jobs[t.jobs["status"] != "ok"]
+    if len(bad):
+        listed = pd.DataFrame({"#": bad["num"].map(lambda n: "" if n is None or pd.isna(n) else str(n)),
+                               "status": bad["status"], "job": bad["dir"].where(bad["dir"] != "", bad["overrides"]),
+                               "reason": bad["reason"]})
+        out += ["", "## Missing or failed jobs (not in the averages)", "",
+                listed.to_markdown(index=False, colalign=["right", "left", "left", "left"], disable_numparse=True)]
     return "\n".join(out).lstrip("\n") + "\n"
 
 
-def to_csv(t: Table) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
+def csv_frame(t: Table) -> pd.DataFrame:
+    """table.csv: per cell mean and std in % (4 decimals, empty when undefined) and n as 'a/b'."""
     multi = len(t.models) > 1
-    head = ["method", *t.axes]
-    for m in t.models:
-        p = f"{m}: " if multi else ""
-        head.append(f"{p}params_trainable")
-        for c in (c for c in t.columns if c.model == m):
-            head += [f"{c.label} mean", f"{c.label} std", f"{c.label} n"]
-    w.writerow(head)
-    for row in t.rows:
-        line = [row["method"], *(row[a] for a in t.axes)]
+    out = []
+    for row in t.cells.index:
+        line = dict(zip(["method", *t.axes], _row_keys(t, row)))
         for m in t.models:
-            ps = row["params"][m]
-            line.append(ps[0] if len(ps) == 1 else ";".join(map(str, ps)))
+            ps = _params(t, row, m)
+            line[f"{m}: params_trainable" if multi else "params_trainable"] = \
+                ps[0] if len(ps) == 1 else ";".join(map(str, ps))
             for c in (c for c in t.columns if c.model == m):
-                cell = row["cells"][(m, c.key)]
-                mean, std = mean_std(cell["values"])
-                line += ["" if mean is None else round(100 * mean, 4), "" if std is None else round(100 * std, 4),
-                         f"{len(cell['values'])}/{cell['expected']}"]
-        w.writerow(line)
-    return buf.getvalue()
+                mean, std, n, expected = (_cell(t, row, m, c.key, s) for s in ("mean", "std", "n", "expected"))
+                line[f"{c.label} mean"] = "" if pd.isna(mean) else round(100 * mean, 4)
+                line[f"{c.label} std"] = "" if pd.isna(std) else round(100 * std, 4)
+                line[f"{c.label} n"] = f"{n}/{expected}"
+        out.append(line)
+    return pd.DataFrame(out, dtype=object)
+
+
+def to_csv(t: Table) -> str:
+    return csv_frame(t).to_csv(index=False)
 
 
 def jobs_csv(t: Table) -> str:
-    keys = list(OrderedDict.fromkeys(k for r in t.records for k in r.results if k.startswith(("eval/", "params/"))))
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["num", "status", "method", "model", "seed", "N", "r", "dir", "overrides", "reason", *keys])
-    for r in t.records:
-        w.writerow([r.num, r.status, r.info.get("method"), r.info.get("model"), r.info.get("seed"), r.info.get("N"),
-                    r.info.get("r"), r.dir.name if r.dir else "", " ".join(r.overrides), r.reason,
-                    *(r.results.get(k, "") for k in keys)])
-    return buf.getvalue()
+    return t.jobs.to_csv(index=False)
 
 
 # ----------------------------------------------------------------------------------------------- plots
 
 def _headline(t: Table, model: str | None) -> Column | None:
     cols = [c for c in t.columns if c.model == model]
-    for pick in (lambda c: c.key.endswith("/mean_acc"), lambda c: c.key.endswith("/pass@1"), lambda c: True):
-        hit = [c for c in cols if pick(c) and not c.key.endswith("acc_robust")]
-        if hit:
-            return hit[0]
-    return None
-
-
-def _metric_label(col: Column) -> str:
-    parts = col.key.split("/")          # eval/<task>/mean_acc | eval/<task>/<set>/<metric>
-    if parts[-1] == "mean_acc":
-        return f"{parts[1]} mean accuracy (%)"
-    return f"{parts[2]} {parts[3]} (%)" if len(parts) == 4 else f"{col.label} (%)"
+    tasks = list(dict.fromkeys(_metric_parts(c.key)[0] for c in cols))
+    head = primary_metric(tasks[0], [c.key for c in cols]) if tasks else None
+    return next((c for c in cols if c.key == head), None)
 
 
 def plot_axes(t: Table, out_dir: Path) -> list[Path]:
-    """accuracy_vs_<axis>.png and params_vs_<axis>.png, one line per method (and backbone)."""
+    """accuracy_vs_<axis>.png (the headline metric, error bars: sample std over seeds) and
+    params_vs_<axis>.png, one line per method (and backbone)."""
     if not t.axes:
         return []
     import matplotlib
@@ -477,48 +498,39 @@ def plot_axes(t: Table, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    long = []
+    for row in t.cells.index:
+        keys = dict(zip(["method", *t.axes], _row_keys(t, row)))
+        for m in t.models:
+            col = _headline(t, m)
+            ps = _params(t, row, m)
+            long.append({**keys, "model": m, "label": keys["method"] if len(t.models) == 1 else f"{keys['method']} ({m})",
+                         "accuracy": 100 * _cell(t, row, m, col.key, "mean") if col else float("nan"),
+                         "err": 100 * _cell(t, row, m, col.key, "std") if col else float("nan"),
+                         "params": ps[0] / 1e6 if ps else float("nan"),
+                         "ylabel": f"{_metric_parts(col.key)[0]}: {col.label.split(': ')[-1]} (%)" if col else ""})
+    points = pd.DataFrame(long)
     written = []
     for axis in t.axes:
-        for kind in ("accuracy", "params"):
+        data = points[points[axis].map(lambda v: isinstance(v, (int, float)) and not pd.isna(v))]
+        for kind, ylabel in (("accuracy", next((y for y in data["ylabel"] if y), "accuracy (%)")),
+                             ("params", "trainable parameters (M)")):
             fig, ax = plt.subplots(figsize=(5.5, 4))
-            ylabel = "trainable parameters (M)"
-            for model in t.models:
-                col = _headline(t, model)
-                lines: "OrderedDict[str, list]" = OrderedDict()
-                for row in t.rows:
-                    if row.get(axis) is None:
-                        continue
-                    if kind == "accuracy":
-                        if col is None:
-                            continue
-                        mean, std = mean_std(row["cells"][(model, col.key)]["values"])
-                        if mean is None:
-                            continue
-                        point = (row[axis], 100 * mean, 100 * (std or 0.0))
-                    else:
-                        ps = row["params"][model]
-                        if not ps:
-                            continue
-                        point = (row[axis], ps[0] / 1e6, 0.0)
-                    lines.setdefault(row["method"], []).append(point)
-                if kind == "accuracy" and col is not None:
-                    ylabel = _metric_label(col)
-                for method, pts in lines.items():
-                    pts.sort()
-                    xs, ys, es = zip(*pts)
-                    label = method if len(t.models) == 1 else f"{method} ({model})"
-                    if kind == "accuracy":
-                        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
-                    else:
-                        ax.plot(xs, ys, marker="o", label=label)
-            values = sorted({row[axis] for row in t.rows if isinstance(row.get(axis), (int, float))})
+            for label, line in data.dropna(subset=[kind]).groupby("label", sort=False):
+                line = line.sort_values(axis)
+                if kind == "accuracy":
+                    ax.errorbar(line[axis], line[kind], yerr=line["err"].fillna(0.0), marker="o", capsize=3,
+                                label=label)
+                else:
+                    ax.plot(line[axis], line[kind], marker="o", label=label)
+            values = sorted(set(data[axis]))
             if values and min(values) > 0 and max(values) / min(values) >= 4:
                 ax.set_xscale("log", base=2)
             if values:
                 ax.set_xticks(values)
                 ax.set_xticklabels([str(v) for v in values])
             ax.set_xlabel({"N": "experts N", "r": "rank r"}.get(axis, axis))
-            ax.set_ylabel("accuracy (%)" if kind == "accuracy" and ylabel.startswith("trainable") else ylabel)
+            ax.set_ylabel(ylabel)
             ax.set_title(f"{t.title}: {kind} vs {axis}" if t.title else f"{kind} vs {axis}")
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
@@ -575,36 +587,25 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if args else 2
-    strict = "--strict" in args
-    args = [a for a in args if a != "--strict"]
-    out = None
-    if "--out" in args:
-        i = args.index("--out")
-        if i + 1 >= len(args):
-            print("error: --out needs a directory", file=sys.stderr)
-            return 2
-        out = args[i + 1]
-        del args[i:i + 2]
-    if len(args) != 1:
-        print("error: expected one sweep dir: python -m comol.tools.report <sweep dir> [--out DIR] [--strict]", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m comol.tools.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", help="a sweep or multirun dir (holding the job dirs and multirun.yaml)")
+    parser.add_argument("--out", default=None, help="where to write (default: <sweep dir>/report)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a job is missing or failed")
+    args = parser.parse_args(argv)
     try:
-        result = report(args[0], out)
+        result = report(args.sweep_dir, args.out)
     except (FileNotFoundError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(result["markdown"])
     for f in result["files"]:
         print(f"wrote {f}")
-    bad = [r for r in result["table"].records if r.status != "ok"]
     if not result["table"].records:
-        print(f"error: no jobs found under {args[0]}", file=sys.stderr)
+        print(f"error: no jobs found under {args.sweep_dir}", file=sys.stderr)
         return 2
-    return 1 if strict and bad else 0
+    bad = [r for r in result["table"].records if r.status != "ok"]
+    return 1 if args.strict and bad else 0
 
 
 if __name__ == "__main__":

@@ -111,9 +111,13 @@ def continue_csv(loggers: list, state: dict) -> None:
             text = text[:text.rfind("\n") + 1]
         reader = csv.DictReader(io.StringIO(text))
         rows, header = list(reader), list(reader.fieldnames or [])
-        # the row of the batch that ended at optimizer step g carries step g-1; the checkpoint is at step G
+        # the checkpoint at step G is saved when the batch after step G starts. A training row carries the
+        # optimizer steps done before its forward (the batch that ended at step g: g-1), a validation row the
+        # step it measured (AdapterLM logs val/ at global_step): a validation row of step G precedes the save
         cut = int(state["global_step"])
-        kept = [r for r in rows if r.get("step") in (None, "") or int(float(r["step"])) < cut]
+        kept = [r for r in rows if r.get("step") in (None, "") or int(float(r["step"])) < cut
+                or (int(float(r["step"])) == cut and any(k.startswith("val/") and v not in (None, "")
+                                                         for k, v in r.items()))]
         if header:
             buf = io.StringIO()
             w = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
