@@ -255,7 +255,8 @@ class Job:
         cfg, out_dir = self.cfg, self.out_dir
         datamodule = SFTDataModule(_container(cfg.dataset), tokenizer, seed=int(cfg.seed), splits=self.checked.splits)
         lit = AdapterLM(model, _container(cfg.optim), aux_loss_coeff=self.aux_loss_coeff,
-                        routing_stats=bool(cfg.routing_stats), routing_stats_every=int(cfg.routing_stats_every))
+                        routing_stats=bool(cfg.routing_stats), routing_stats_every=int(cfg.routing_stats_every),
+                        compile=bool(cfg.trainer.get("compile", False)))
         loggers.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **described})
         callbacks = build_callbacks(cfg.get("callbacks"),
                                     checkpoint={"run_config": OmegaConf.to_container(cfg, resolve=True)})
@@ -263,7 +264,8 @@ class Job:
         guard = next((c for c in callbacks if isinstance(c, DivergenceGuard)), None)
         multi = DistributedRun(out_dir)
         bar = bool(cfg.trainer.enable_progress_bar) and on_terminal()  # redirected: progress lines instead
-        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers.loggers or False, default_root_dir=str(out_dir),
+        trainer_cfg = {k: v for k, v in _container(cfg.trainer).items() if k != "compile"}   # ours: AdapterLM
+        trainer: L.Trainer = instantiate(trainer_cfg, logger=loggers.loggers or False, default_root_dir=str(out_dir),
                                          callbacks=callbacks + multi.callbacks, enable_progress_bar=bar)
         start = time.time()
         trainer.fit(lit, datamodule=datamodule, ckpt_path=self.resume_ckpt, weights_only=True)

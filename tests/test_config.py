@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import yaml
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from comol import CONF_DIR
 from comol.adapter_presets import DEFAULTS_OPTION, adapter_run_name, adapter_values
@@ -184,6 +184,8 @@ def test_trainer_entries_reach_the_lightning_trainer(entry, tmp_path):
         cfg.trainer.accelerator = "cpu"  # CI has no GPU; the rest of the entry must still be valid
         cfg.trainer.precision = "bf16-mixed"
     t = cfg.trainer
+    with open_dict(t):   # trainer.compile is the platform's (AdapterLM), not a Lightning Trainer argument
+        assert t.pop("compile") is False
     if "FSDPStrategy" in str(OmegaConf.select(t, "strategy._target_")):  # Lightning refuses FSDP on a CPU:
         strategy = instantiate(t.strategy)                                # check the strategy object alone
         assert type(strategy).__name__ == "FSDPStrategy"

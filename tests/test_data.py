@@ -46,7 +46,8 @@ def test_left_padding_collate():
     batch = collate_left([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [-100]}], pad_id=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [1, 1, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert batch["labels"].tolist() == [[5, 6, 7], [-100, -100, -100]]
+    # the first label of every row is ignored: no position of the row predicts it (only a pad would)
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
 
 
 def test_toy_math_is_deterministic_disjoint_and_well_formed():

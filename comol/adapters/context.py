@@ -3,7 +3,10 @@
 ``inject_adapter`` gives every adapted model one ``AdapterContext``, installed as a forward
 pre-hook on the top-level model. At the start of each forward it records the ``attention_mask``
 the caller passed (so routed adapters leave padding out of their losses and statistics) and opens
-a new forward scope (aux losses of the previous forward are dropped). Adapter layers are bound
+a new forward scope (aux losses of the previous forward are dropped). A packed batch
+(comol/data/packing.py) has no attention mask: without padding every token is real (mask None);
+with a padding tail its real-token mask comes as the keyword ``comol_token_mask``, which the hook
+takes off the call before the model sees it. Adapter layers are bound
 to it (``bind_context``) and talk to it only:
 
 * ``token_mask(x)``: the padding mask flattened to the tokens of a layer input ``x``;
@@ -41,6 +44,8 @@ from comol.adapters.routing_stats import RoutingStats
 from comol.errors import ComolError
 
 CONTEXT_ATTR = "comol_adapter_context"
+#: keyword of a packed batch's real-token mask [B, S] (comol/data/packing.py), consumed by the context
+TOKEN_MASK_KWARG = "comol_token_mask"
 
 
 class AdapterContext:
@@ -85,13 +90,15 @@ class AdapterContext:
         self._watcher = None
 
     # -- one forward scope ------------------------------------------------------------------
-    def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        packed = kwargs.pop(TOKEN_MASK_KWARG, None)
+        mask = packed if packed is not None else kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         self.attention_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self.forward_id += 1
         self._aux = []
         if module.training and torch.is_grad_enabled() and self._step_hooks and self._watcher != id(self):
             self._watch_optimizers(module)
+        return args, kwargs
 
     def _end_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         """Put the whole objective in ``output.loss`` (LM loss + coeff x aux) when the model computed a loss."""

@@ -1,4 +1,4 @@
-"""Tokenization (prompt template -> ids -> loss mask), left-padded collation and the datamodule."""
+"""Tokenization (prompt template -> ids -> loss mask), left-padded or packed collation and the datamodule."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from torch.utils.data import DataLoader
 from comol.data.clip import clip_row
 from comol.data.eval_split import eval_split
 from comol.data.loading import drop_rows_in, load_rows
+from comol.data.packing import check_packable, collate_packed, layout_for, pack_rows
 from comol.data.pinned import train_source
 from comol.data.prompts import build_prompt
 from comol.data.toy_math import toy_math_splits
 from comol.errors import ConfigError
 from comol.training.distributed import global_order_sampler
+from comol.training.sampler import LengthGroupedSampler, PackedSampler, row_permutation
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -57,14 +59,19 @@ def check_max_length(max_length: int, tokenizer) -> None:
 
 def collate_left(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-pad a batch: pads get attention 0 and label IGNORE_INDEX. Padding is told apart by position
-    (each row's length), never by token id: with pad == EOS the learned EOS keeps its label."""
+    (each row's length), never by token id: with pad == EOS the learned EOS keeps its label.
+
+    The first label of every row is IGNORE_INDEX too: nothing of the row precedes its first token, and
+    the causal-LM loss (labels shifted by one) would otherwise train the last *pad* position to predict
+    it, one spurious term per padded row. So every row contributes the same loss terms whatever it is
+    batched with, padded or packed (comol/data/packing.py)."""
     width = max(len(f["input_ids"]) for f in features)
     ids, mask, labels = [], [], []
     for f in features:
         pad = width - len(f["input_ids"])
         ids.append([pad_id] * pad + list(f["input_ids"]))
         mask.append([0] * pad + [1] * len(f["input_ids"]))
-        labels.append([IGNORE_INDEX] * pad + list(f.get("labels", f["input_ids"])))
+        labels.append([IGNORE_INDEX] * (pad + 1) + list(f.get("labels", f["input_ids"]))[1:])
     return {
         "input_ids": torch.tensor(ids, dtype=torch.long),
         "attention_mask": torch.tensor(mask, dtype=torch.long),
@@ -90,17 +97,26 @@ def dataset_splits(cfg: Mapping[str, Any]) -> dict[str, list[dict]]:
 
 
 class SFTDataModule(L.LightningDataModule):
-    """Supervised fine-tuning data: rows -> Alpaca prompt -> tokens -> left-padded batches."""
+    """Supervised fine-tuning data: rows -> Alpaca prompt -> tokens -> left-padded or packed batches.
 
-    def __init__(self, cfg: Mapping[str, Any], tokenizer, seed: int = 0, splits: dict[str, list[dict]] | None = None):
+    ``dataset.packing=true``: training micro-batches are packs of rows within ``dataset.packing_tokens``
+    real tokens (default batch_size x max_length), laid out for ``attn_implementation``
+    (comol/data/packing.py). ``dataset.group_by_length=true``: padded batches of rows of similar length
+    (comol/training/sampler.py). Validation batches are always left-padded."""
+
+    def __init__(self, cfg: Mapping[str, Any], tokenizer, seed: int = 0, splits: dict[str, list[dict]] | None = None,
+                 attn_implementation: str | None = None):
         super().__init__()
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
         self.splits = splits
+        #: decides the packed layout; None: read off the trained model's config when the loader is built
+        self.attn_implementation = attn_implementation
         self.train_features: list[dict] = []
         self.val_features: list[dict] = []
 
     def setup(self, stage: str | None = None) -> None:
         check_max_length(int(self.cfg["max_length"]), self.tokenizer)
+        check_batching(self.cfg)
         if self.splits is None:
             self.splits = dataset_splits(self.cfg)
         enc = lambda rows: [encode_example(r, self.tokenizer, self.cfg["max_length"], self.cfg["train_on_prompt"])  # noqa: E731
@@ -113,24 +129,99 @@ class SFTDataModule(L.LightningDataModule):
     def _learnable(self, feats: list[dict], split: str) -> list[dict]:
         """Drop rows with no target token left (prompt longer than max_length with train_on_prompt=false):
         they would give a 0/0 loss."""
-        kept = [f for f in feats if any(label != IGNORE_INDEX for label in f["labels"])]
+        kept = [f for f in feats if any(label != IGNORE_INDEX for label in f["labels"][1:])]
         if len(kept) < len(feats):
             log.warning("dataset=%s %s: dropped %d of %d rows whose prompt fills dataset.max_length=%d",
                         self.cfg.get("name"), split, len(feats) - len(kept), len(feats), self.cfg["max_length"])
         return kept
 
+    def _world(self) -> tuple[int, int]:
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+
     def _loader(self, feats: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
         # shuffled: one seeded global order on any number of processes, resumable mid-epoch
         # (comol/training/sampler.py); the loader's own generator keeps worker seeding off the global RNG
-        sampler = global_order_sampler(feats, self.seed, self.trainer) if shuffle else None
+        sampler = None
+        if shuffle and self.cfg.get("group_by_length"):
+            world, rank = self._world()
+            sampler = LengthGroupedSampler([len(f["input_ids"]) for f in feats], self.seed,
+                                           group=batch_size * world * GROUP_BATCHES, num_replicas=world, rank=rank)
+        elif shuffle:
+            sampler = global_order_sampler(feats, self.seed, self.trainer)
         return DataLoader(feats, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(self.seed),
                           num_workers=self.cfg.get("num_workers", 0),
                           collate_fn=lambda b: collate_left(b, self.tokenizer.pad_token_id))
 
+    def layout(self) -> str:
+        attn = self.attn_implementation
+        if attn is None and self.trainer is not None:
+            config = getattr(getattr(self.trainer.lightning_module, "model", None), "config", None)
+            attn = getattr(config, "_attn_implementation", None)
+        return layout_for(attn)
+
+    def packs(self) -> list[tuple[int, ...]]:
+        """The training packs: the seeded row order cut greedily at ``packing_tokens`` real tokens."""
+        lengths = [len(f["input_ids"]) for f in self.train_features]
+        return pack_rows(lengths, row_permutation(len(lengths), self.seed), packing_tokens(self.cfg))
+
+    def _packed_loader(self) -> DataLoader:
+        model = getattr(self.trainer.lightning_module, "model", None) if self.trainer is not None else None
+        if model is not None:
+            check_packable(model)
+        world, rank = self._world()
+        sampler = PackedSampler(self.packs(), self.seed, num_replicas=world, rank=rank)
+        # bins of up to two rows' worth of tokens: fewer half-empty bins, attention cost still bounded
+        layout, width, pad = self.layout(), BIN_ROWS * int(self.cfg["max_length"]), self.tokenizer.pad_token_id
+        # batch_size=1 over packs: the resume position (batches x batch_size) counts packs
+        return DataLoader(_Rows(self.train_features), batch_size=1, sampler=sampler,
+                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.cfg.get("num_workers", 0),
+                          collate_fn=lambda b: collate_packed(b[0], pad, layout=layout, width=width))
+
     def train_dataloader(self) -> DataLoader:
+        if self.cfg.get("packing"):
+            return self._packed_loader()
         return self._loader(self.train_features, self.cfg["batch_size"], shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_features:
             return []
         return self._loader(self.val_features, self.cfg.get("eval_batch_size", self.cfg["batch_size"]), shuffle=False)
+
+
+#: packed "bins" layout: a bin holds at most this many times dataset.max_length tokens
+BIN_ROWS = 2
+#: dataset.group_by_length sorts rows by length inside chunks of this many (global) batches
+GROUP_BATCHES = 50
+
+
+class _Rows:
+    """The training features, indexed by a pack (a tuple of row indices) -> the list of its rows."""
+
+    def __init__(self, feats: list[dict]):
+        self.feats = feats
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+    def __getitem__(self, pack: tuple[int, ...]) -> list[dict]:
+        return [self.feats[i] for i in pack]
+
+
+def packing_tokens(cfg: Mapping[str, Any]) -> int:
+    """``dataset.packing_tokens``, or batch_size x max_length when null."""
+    value = cfg.get("packing_tokens")
+    return int(value) if value is not None else int(cfg["batch_size"]) * int(cfg["max_length"])
+
+
+def check_batching(cfg: Mapping[str, Any]) -> None:
+    """The packing / grouping keys: types, ranges, and not both."""
+    for key in ("packing", "group_by_length"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(f"dataset.{key}={cfg.get(key)!r} is invalid: expected true or false")
+    if cfg.get("packing") and cfg.get("group_by_length"):
+        raise ConfigError("dataset.group_by_length=true is invalid with dataset.packing=true: packed batches have "
+                          "no padding to save; pick one")
+    value = cfg.get("packing_tokens")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < int(cfg["max_length"])):
+        raise ConfigError(f"dataset.packing_tokens={value!r} is invalid: expected null (batch_size x max_length) or "
+                          f"an integer >= dataset.max_length={cfg['max_length']}")

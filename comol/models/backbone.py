@@ -155,20 +155,32 @@ def _from_pretrained(auto_cls, model_cfg: Mapping[str, Any], source: str, **kwar
         raise ModelNotFoundError(_not_found(model_cfg, source, e)) from None
 
 
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def attn_implementation(model_cfg: Mapping[str, Any]) -> str:
+    """``model.attn_implementation`` (default sdpa); packed batches are laid out for it (comol/data/packing.py)."""
+    attn = _get(model_cfg, "attn_implementation", None) or "sdpa"
+    if attn not in ATTENTION:
+        raise ConfigError(f"model.attn_implementation={attn!r} is invalid: expected one of {', '.join(ATTENTION)}")
+    return attn
+
+
 def load_backbone(model_cfg: Mapping[str, Any], device: str | torch.device = "cpu", tokenizer=None):
     """Return ``(model, tokenizer)`` for a model YAML node (``tokenizer``: one already loaded for it)."""
     check_model(model_cfg)
     source = None if is_random_init(model_cfg) else weights_source(model_cfg)
     tok = tokenizer if tokenizer is not None else load_tokenizer(model_cfg, None if _get(model_cfg, "tokenizer") else source)
     dtype = torch_dtype(_get(model_cfg, "dtype", "float32"))
+    attn = attn_implementation(model_cfg)
     if source is None:
         config = hf_config(model_cfg, vocab_size=len(tok))
         config.pad_token_id, config.eos_token_id = tok.pad_token_id, tok.eos_token_id
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(_get(model_cfg, "init_seed", 0)))
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     else:
-        model = _from_pretrained(AutoModelForCausalLM, model_cfg, source, dtype=dtype)
+        model = _from_pretrained(AutoModelForCausalLM, model_cfg, source, dtype=dtype, attn_implementation=attn)
     # max_length checks (comol/data/datamodule.py) read the context length off the tokenizer
     # (pretrained tokenizers only: the offline one is shared between the tiny models)
     context = getattr(model.config, "max_position_embeddings", None)

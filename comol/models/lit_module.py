@@ -11,16 +11,31 @@ import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from comol.adapters import adapter_context, is_adapter_name
+from comol.adapters.context import TOKEN_MASK_KWARG
 from comol.errors import ConfigError
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """``trainer.compile=true``: compile every decoder block in place (``nn.Module.compile``: parameter names,
+    hooks and checkpoints unchanged; one compiled graph reused by all blocks of a shape). Returns their count.
+    docs/benchmarks.md says why the blocks and not the whole model or the adapter layers alone."""
+    blocks = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not blocks:
+        raise ConfigError(f"trainer.compile=true: {type(model).__name__} has no *DecoderLayer modules to compile")
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
 
 
 class AdapterLM(L.LightningModule):
     """Trains only the adapter tensors of a wrapped Hugging Face causal LM."""
 
     def __init__(self, model: torch.nn.Module, optim: Mapping[str, Any], aux_loss_coeff: float | None = None,
-                 routing_stats: bool = True, routing_stats_every: int = 1):
+                 routing_stats: bool = True, routing_stats_every: int = 1, compile: bool = False):
         super().__init__()
         self.model = model
+        if compile:  # trainer.compile=true: regional compilation of the decoder blocks
+            compile_blocks(model)
         #: the adapter context (context.py): padding mask, aux losses, routing statistics, step updates
         self.context = adapter_context(model)
         self.routing_stats = routing_stats
@@ -34,8 +49,11 @@ class AdapterLM(L.LightningModule):
         self.strict_loading = False  # checkpoints hold adapter tensors only
 
     def forward(self, batch: Mapping[str, torch.Tensor]):
-        # Nothing but the model call: the adapter context reads the attention mask from it.
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        # Nothing but the model call: the adapter context reads the attention mask from it. A packed batch
+        # (comol/data/packing.py) brings position_ids instead and, with a padding tail, its token mask.
+        extra = {k: batch[k] for k in ("position_ids", TOKEN_MASK_KWARG) if k in batch}
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                          labels=batch["labels"], **extra)
 
     def training_step(self, batch, batch_idx):
         out = self(batch)  # out.loss: LM loss + aux_loss_coeff x aux (the model's objective)

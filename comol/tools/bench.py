@@ -4,6 +4,7 @@
     python -m comol.tools.bench --all                 # + every adapter preset in conf/adapter
     python -m comol.tools.bench --hidden 1024 --layers 4 --batch 4 --seq 256
     python -m comol.tools.bench --routing             # only: CoMoL step time, routing statistics on vs off
+    python -m comol.tools.bench --pipeline            # whole training steps vs PEFT + HF Trainer (pipeline_bench.py)
 
 Step = forward + backward + AdamW step on a random-init Qwen3 built from the given architecture.
 A second table times one adapted Linear alone (forward + backward), where the adapter's own cost is
@@ -34,6 +35,7 @@ from comol.adapters import adapter_context, count_parameters, inject_adapter
 from comol.config import adapter_preset
 from comol.adapters.comol import CoMoLConfig, CoMoLLinear
 from comol.models import load_backbone
+from comol.tools.pipeline_bench import add_arguments, run_pipeline
 
 
 class NaiveCoMoLLinear(CoMoLLinear):
@@ -348,6 +350,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--routing", action="store_true",
                    help="only the routing-statistics overhead: CoMoL steps with statistics on vs off")
+    add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -355,6 +358,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pipeline:
+        return run_pipeline(args)
     if args.routing:
         print(routing_report(measure_routing(args), args))
         return 0

@@ -5,6 +5,8 @@
     python -m comol.tools.sweeps table5 seed=0            # the same overrides you would give run.py
     python -m comol.tools.sweeps table2 --json            # machine-readable
     python -m comol.tools.sweeps table2 --cfg             # each job's full config (like `run.py --cfg job`, per job)
+    python -m comol.tools.sweeps table2 --estimate --tokens-per-s 2500   # tokens and hours per job (comol/tools/estimate.py)
+    python -m comol.tools.sweeps table2 --estimate --tokens-per-s bench.json   # rates saved by bench --pipeline --save
 
 Hydra's own ``python run.py -m sweep=table2 --cfg job`` prints one config (the sweep's base), not the jobs.
 This module expands the sweep exactly as Hydra's basic sweeper does (``hydra.sweeper.params`` first, then
@@ -261,8 +263,19 @@ def job_config_yaml(job: Job) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    as_json, show_cfg = "--json" in args, "--cfg" in args
-    args = [a for a in args if a not in ("--json", "--cfg")]
+    as_json, show_cfg, estimate = "--json" in args, "--cfg" in args, "--estimate" in args
+    args = [a for a in args if a not in ("--json", "--cfg", "--estimate")]
+    try:
+        rates, args = _option(args, "--tokens-per-s")
+        per_row, args = _option(args, "--tokens-per-row")
+        if estimate:
+            from comol.tools.estimate import load_rates
+
+            rates = load_rates(rates) if rates is not None else None
+            per_row = float(per_row) if per_row is not None else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not args or args[0] in ("-h", "--help"):
         print(__doc__.strip())
         print("\nsweeps:")
@@ -279,11 +292,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
+    if estimate:
+        from comol.tools.estimate import estimate_jobs, format_estimates
+
+        try:
+            found = estimate_jobs(jobs, rates, per_row)
+        except ValueError as e:
+            print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+            return 2
+        print(format_estimates(found))
+        return 0
     try:
         _print_jobs(master, jobs, as_json, show_cfg)
     except BrokenPipeError:  # `| head`
         sys.stderr.close()
     return 0
+
+
+def _option(args: list[str], name: str) -> tuple[str | None, list[str]]:
+    """Take ``name VALUE`` (or ``name=VALUE``) out of ``args``."""
+    for i, a in enumerate(args):
+        if a == name:
+            if i + 1 >= len(args):
+                raise ValueError(f"{name} needs a value")
+            return args[i + 1], args[:i] + args[i + 2:]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1], args[:i] + args[i + 1:]
+    return None, args
 
 
 def _print_jobs(master: DictConfig, jobs: list[Job], as_json: bool, show_cfg: bool) -> None:

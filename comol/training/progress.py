@@ -25,6 +25,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
+from comol.data.packing import real_tokens
+
 log = logging.getLogger("comol.progress")
 
 
@@ -75,7 +77,7 @@ class ProgressLog(L.Callback):
         log.setLevel(logging.INFO)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        n = batch["attention_mask"].sum()
+        n = real_tokens(batch)
         self._tokens = n if self._tokens is None else self._tokens + n
         now = time.monotonic()
         last = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
