@@ -30,6 +30,10 @@ class DatasetCommon(Schema):
     batch_size: PosInt = Key("training micro-batch (per process)")
     eval_batch_size: PosInt | None = Key("validation batch (null: batch_size)", default=None)
     num_workers: Annotated[int, Field(ge=0, le=256)] = Key("DataLoader worker processes", default=0)
+    packing: bool = Key("padding-free packs of rows (comol/data/packing.py)", default=False)
+    packing_tokens: PosInt | None = Key("real tokens per packed micro-batch (null: batch_size x max_length)",
+                                        default=None)
+    group_by_length: bool = Key("padded batches of rows of similar length", default=False)
 
     def train_rows(self) -> int | None:
         """Training rows when the config alone tells (None: read from files)."""

@@ -71,6 +71,9 @@ class GGUFPackage(Schema):
     install: str = Key("the command that installs it (quoted in the error when it is missing)", default="")
 
 
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
 class ModelConfig(Schema):
     """A backbone: by hub id / local path / GGUF, or random-init from ``arch`` (all of those null)."""
 
@@ -86,6 +89,8 @@ class ModelConfig(Schema):
     gradient_checkpointing: bool = Key("recompute decoder layers in backward (less activation memory)",
                                        default=False)
     init_seed: Seed = Key("seed of a random-init backbone (every process builds the same one)", default=0)
+    attn_implementation: Literal[ATTENTION] = Key("attention kernel (packed batches are laid out for it)",
+                                                  default="sdpa")
     arch: ArchConfig = Key("the architecture block")
 
 
@@ -166,6 +171,7 @@ class TrainerConfig(Schema):
     enable_progress_bar: bool = Key("a progress bar on a terminal (progress lines otherwise)", default=True)
     enable_model_summary: bool = Key("Lightning's model summary table", default=False)
     deterministic: bool | Literal["warn"] | None = Key("deterministic algorithms", default=False)
+    compile: bool = Key("torch.compile the decoder blocks (comol's key, not the Trainer's)", default=False)
 
     @model_validator(mode="after")
     def _ends_and_known_arguments(self) -> "TrainerConfig":

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Pretr
 from comol.errors import ConfigError, ModelNotFoundError
 from comol.models.gguf import convert_gguf, gguf_source
 from comol.models.tokenizer import offline_tokenizer
-from comol.schema_groups import check_model
+from comol.schema_groups import ATTENTION, check_model
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,6 @@ def _from_pretrained(auto_cls, model_cfg: Mapping[str, Any], source: str, **kwar
         return auto_cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(_not_found(model_cfg, source, e)) from None
-
-
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def attn_implementation(model_cfg: Mapping[str, Any]) -> str:
