@@ -11,10 +11,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from comol import CONF_DIR, ROOT, in_checkout
+from comol import CONF_DIR, ROOT, default_data_dir, in_checkout
 from comol.adapter_presets import PRESET_KEYS, adapter_run_name, register_adapter_defaults
 from comol.errors import ConfigError
-from comol.eval.eval_files import default_data_dir
 
 
 def project_root() -> str:

@@ -10,14 +10,10 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from comol import ROOT, in_checkout
+from comol import BUNDLED_DATA_DIR, DATA_ENV_VAR, default_data_dir  # noqa: F401  (re-exported)
 from comol.data.loading import check_rows, read_json_rows
 from comol.errors import DataError
 
-#: Environment variable pointing at another data folder (``eval/``, ``train/``) than the bundled one.
-DATA_ENV_VAR = "COMOL_DATA_DIR"
-#: The evaluation sets and validation splits shipped with the repository (see data/README.md).
-BUNDLED_DATA_DIR = ROOT / "data"
 
 #: Fields every HumanEval problem must carry (``canonical_solution`` is optional).
 HUMANEVAL_FIELDS = ("task_id", "prompt", "entry_point", "test")
@@ -26,19 +22,6 @@ MATH_SETS = ("AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP")
 COMMONSENSE_SETS = (
     "boolq", "piqa", "social_i_qa", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa",
 )
-
-
-def default_data_dir() -> Path:
-    """The data folder: ``$COMOL_DATA_DIR`` when set, else the repository's bundled ``data/``.
-
-    The folder is returned even if it does not exist; callers that need it use
-    :func:`require_data_dir`.
-    """
-    env = os.environ.get(DATA_ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    # a checkout (run.py beside data/); an installed wheel has no data/: ./data of the working dir
-    return BUNDLED_DATA_DIR if in_checkout(ROOT) else Path.cwd() / "data"
 
 
 def require_data_dir() -> Path:

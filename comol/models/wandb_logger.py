@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
 from comol.errors import ComolError
 from comol.eval.code.samples import SAMPLES_SUFFIX
-from comol.routing import _pyplot, loads_figure, modules_of_loads
+from comol.models.routing_figures import _pyplot, loads_figure, modules_of_loads
 
 log = logging.getLogger(__name__)
 

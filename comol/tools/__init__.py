@@ -1,0 +1,1 @@
+"""Command-line tools: sweeps listing and cost estimate, the report, the benchmarks."""
