@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from comol.adapters import PRESET_KEYS, adapter_config_class, adapter_defaults, registered_adapters  # noqa: F401
 
@@ -34,16 +34,13 @@ def register_adapter_defaults() -> None:
         store.store(group="adapter", name=DEFAULTS_OPTION.format(name=name),
                     node={"name": name, **adapter_defaults(adapter_config_class(name))})
 from comol.errors import ConfigError
-
-
-def _plain(node: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+from comol.schema_base import plain_config
 
 
 def adapter_values(node: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     """``name`` and every field of the adapter a run builds from ``node``: the dataclass defaults with the
     node's values over them (``alpha: null`` shown as r, the value it stands for). Without label/run_name."""
-    values = {k: v for k, v in _plain(node).items() if k not in PRESET_KEYS}
+    values = {k: v for k, v in plain_config(node).items() if k not in PRESET_KEYS}
     if "name" not in values:
         raise ConfigError("adapter.name is missing")
     out = {"name": values["name"], **adapter_defaults(adapter_config_class(values["name"])), **values}
@@ -55,7 +52,7 @@ def adapter_values(node: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
 def adapter_run_name(node: Mapping[str, Any] | DictConfig) -> str:
     """The preset's ``run_name`` stem with its ``{field}`` placeholders filled from ``adapter_values``
     (a preset without one: the adapter name)."""
-    plain = _plain(node)
+    plain = plain_config(node)
     pattern = plain.get("run_name") or str(plain.get("name"))
     try:
         return pattern.format(**adapter_values(plain))

@@ -37,7 +37,7 @@ from comol.models.lit_module import AdapterLM
 from comol.models.wandb_logger import log_job_outputs
 from comol.preflight import Checked, preflight
 from comol.run_dir import claim_run_dir, release_run_dir
-from comol.schema import validate_config
+from comol.schema import plain_config, validate_config
 from comol.training.best_adapter import BestAdapterKeeper
 from comol.training.callbacks import build_callbacks
 from comol.training.checkpointing import checkpoint_path
@@ -53,10 +53,6 @@ MODES = ("train", "eval", "base")
 DIRECTIONS = ("maximize", "minimize")
 #: The objective of a run that scores no evaluation task.
 NO_TASK_OBJECTIVE = ("val/loss", "minimize")
-
-
-def _container(node) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -158,7 +154,7 @@ def objective_spec(cfg: DictConfig | dict, task: EvalTask | None = None) -> tupl
     else the eval task's primary metric and direction; ``val/loss`` (minimize) when no task scores anything."""
     node = cfg.get("objective") or {}
     if task is None:
-        task = build_task(_container(cfg.eval), _container(cfg.get("plugins")))
+        task = build_task(plain_config(cfg.eval), plain_config(cfg.get("plugins")))
     metric = node.get("metric") or task.primary_key() or NO_TASK_OBJECTIVE[0]
     direction = node.get("direction") or objective_direction(metric, task.name)
     if direction not in DIRECTIONS:
@@ -237,7 +233,7 @@ class Job:
         device = "cpu" if self.mode == "train" else "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer = load_backbone(checked.model_cfg, device=device, tokenizer=checked.tokenizer)
         if self.mode == "train":
-            adapter_cfg = inject_adapter(model, _container(cfg.adapter))
+            adapter_cfg = inject_adapter(model, plain_config(cfg.adapter))
             self.aux_loss_coeff = adapter_cfg.aux_loss_coeff
             trainable, total = count_parameters(model)
             log.info("adapter %s: %d trainable / %d total parameters (%.4f%%)", adapter_cfg.name, trainable, total,
@@ -253,8 +249,8 @@ class Job:
     def train(self, model, tokenizer, loggers: JobLoggers, described: dict) -> tuple[torch.nn.Module | None, dict, int]:
         """Fit; returns (the model rank 0 evaluates, or None on other ranks; the training results; the step)."""
         cfg, out_dir = self.cfg, self.out_dir
-        datamodule = SFTDataModule(_container(cfg.dataset), tokenizer, seed=int(cfg.seed), splits=self.checked.splits)
-        lit = AdapterLM(model, _container(cfg.optim), aux_loss_coeff=self.aux_loss_coeff,
+        datamodule = SFTDataModule(plain_config(cfg.dataset), tokenizer, seed=int(cfg.seed), splits=self.checked.splits)
+        lit = AdapterLM(model, plain_config(cfg.optim), aux_loss_coeff=self.aux_loss_coeff,
                         routing_stats=bool(cfg.routing_stats), routing_stats_every=int(cfg.routing_stats_every),
                         compile=bool(cfg.trainer.get("compile", False)))
         loggers.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **described})
@@ -264,7 +260,7 @@ class Job:
         guard = next((c for c in callbacks if isinstance(c, DivergenceGuard)), None)
         multi = DistributedRun(out_dir)
         bar = bool(cfg.trainer.enable_progress_bar) and on_terminal()  # redirected: progress lines instead
-        trainer_cfg = {k: v for k, v in _container(cfg.trainer).items() if k != "compile"}   # ours: AdapterLM
+        trainer_cfg = {k: v for k, v in plain_config(cfg.trainer).items() if k != "compile"}   # ours: AdapterLM
         trainer: L.Trainer = instantiate(trainer_cfg, logger=loggers.loggers or False, default_root_dir=str(out_dir),
                                          callbacks=callbacks + multi.callbacks, enable_progress_bar=bar)
         start = time.time()
@@ -296,13 +292,13 @@ class Job:
     def _fresh_adapted_model(self) -> torch.nn.Module:
         """The backbone with a freshly injected adapter (FSDP: rank 0 loads the gathered adapter into it)."""
         model, _ = load_backbone(self.checked.model_cfg)
-        inject_adapter(model, _container(self.cfg.adapter))
+        inject_adapter(model, plain_config(self.cfg.adapter))
         return model
 
     def save(self, model) -> None:
         cfg = self.cfg
-        save_adapter(model, self.out_dir / "adapter", base_model=_container(cfg.model),
-                     extra={"seed": int(cfg.seed), "run_name": cfg.get("run_name"), "dataset": _container(cfg.dataset)})
+        save_adapter(model, self.out_dir / "adapter", base_model=plain_config(cfg.model),
+                     extra={"seed": int(cfg.seed), "run_name": cfg.get("run_name"), "dataset": plain_config(cfg.dataset)})
 
     # -- the whole path
     def run(self) -> dict:

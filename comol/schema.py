@@ -25,13 +25,12 @@ from typing import Any, Literal, Mapping, get_args, get_type_hints
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from pydantic import create_model, field_validator
 
 from comol.adapters import AdapterConfig, adapter_config_class, build_adapter_config
 from comol.errors import ConfigError
 from comol.schema_base import (Key, NonEmptyStr, PosFloat, PosInt, Schema, SchemaError, Seed, check, expected_text,
-                               field_expected, invalid)
+                               field_expected, invalid, plain_config)
 from comol.schema_data import DatasetConfig, has_validation
 from comol.schema_eval import EvalConfig, toy_sets
 from comol.schema_groups import (CheckpointConfig, DivergenceConfig, LoggerConfig, ModelConfig, OptimConfig,
@@ -202,18 +201,6 @@ def toy_set_problems(ev: Any, dataset_source: str | None) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- entry points
 
-def plain_config(cfg: DictConfig | Mapping[str, Any]) -> dict:
-    """The resolved config as plain Python values; an interpolation that cannot resolve is one line."""
-    if not OmegaConf.is_config(cfg):
-        return dict(cfg)
-    try:
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "config"
-        reason = str(e).splitlines()[0]
-        raise SchemaError([f"{key} cannot be resolved: {reason}"]) from None
-
-
 def validate_config(cfg: DictConfig | Mapping[str, Any]) -> RunConfig:
     """Check every key of a composed run config; raise SchemaError (one line per problem) or return it typed."""
     values = {k: v for k, v in plain_config(cfg).items() if k != "hydra"}
@@ -226,7 +213,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> RunConfig:
 
 def validate_group(group: str, values: Any) -> Any:
     """Check one group node on its own (e.g. a saved adapter's backbone or dataset); errors name ``<group>.<key>``."""
-    node = plain_config(values) if OmegaConf.is_config(values) else values
+    node = plain_config(values)
     if group not in _HOLDERS:
         info = RunConfig.model_fields[group]
         _HOLDERS[group] = create_model(f"{group}_holder", __base__=Schema, **{group: (info.annotation, info)})

@@ -20,6 +20,8 @@ import types
 from typing import Annotated, Any, Iterable, Literal, Mapping, Union, get_args, get_origin
 
 import annotated_types as at
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
@@ -151,6 +153,19 @@ class SchemaError(ConfigError):
         super().__init__(self.problems[0] + (f" (and {more} more problem{'s' * (more > 1)}: "
                                               f"{'; '.join(p.split(' ', 1)[0] for p in self.problems[1:])})"
                                               if more else ""))
+
+
+def plain_config(node: Any) -> Any:
+    """``node`` as plain Python values: an OmegaConf node resolved to dicts/lists, any other mapping copied to a
+    dict, anything else (a scalar, None) as it is. An interpolation or ``???`` that cannot resolve is one line."""
+    if OmegaConf.is_config(node):
+        try:
+            return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "config"
+            reason = str(e).splitlines()[0]
+            raise SchemaError([f"{key} cannot be resolved: {reason}"]) from None
+    return dict(node) if isinstance(node, Mapping) else node
 
 
 def show(value: Any, width: int = 80) -> str:

@@ -28,6 +28,8 @@ from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 
+from comol.schema_base import plain_config
+
 #: documented training-split sizes (docs/methods.md §5), by the file name stem / dataset name
 DOCUMENTED_ROWS = {"math_14k": 14_000, "math14k": 14_000, "commonsense_15k": 15_000, "commonsense15k": 15_000,
                    "codealpaca20k": 20_000, "CodeAlpaca-20k": 20_000}
@@ -54,9 +56,8 @@ class Estimate:
         return None if not self.tokens_per_s else self.tokens / self.tokens_per_s / 3600.0
 
 
-def _container(cfg, key: str) -> Any:
-    value = OmegaConf.select(cfg, key, default=None)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+def _select(cfg, key: str) -> Any:
+    return plain_config(OmegaConf.select(cfg, key, default=None))
 
 
 def split_rows(ds: Mapping[str, Any]) -> tuple[int, str, list[dict] | None]:
@@ -83,12 +84,12 @@ def split_rows(ds: Mapping[str, Any]) -> tuple[int, str, list[dict] | None]:
 
 
 def rows_trained(cfg, n_rows: int) -> int:
-    steps = _container(cfg, "trainer.max_steps")
-    acc = int(_container(cfg, "trainer.accumulate_grad_batches") or 1)
-    batch = int(_container(cfg, "dataset.batch_size"))
+    steps = _select(cfg, "trainer.max_steps")
+    acc = int(_select(cfg, "trainer.accumulate_grad_batches") or 1)
+    batch = int(_select(cfg, "dataset.batch_size"))
     if steps is not None and int(steps) > 0:
         return int(steps) * acc * batch
-    epochs = _container(cfg, "trainer.max_epochs")
+    epochs = _select(cfg, "trainer.max_epochs")
     if epochs is None or int(epochs) < 0:
         raise ValueError("trainer.max_steps and trainer.max_epochs are both unbounded: nothing to estimate")
     return n_rows * int(epochs)
@@ -114,8 +115,8 @@ def _tokenizer(model_cfg: Mapping[str, Any]):
 
 def tokens_per_row(cfg, rows: list[dict] | None) -> tuple[float, str]:
     """Mean training tokens per row (prompt + output + EOS, cut at max_length) and how it was measured."""
-    ds = _container(cfg, "dataset")
-    model = _container(cfg, "model")
+    ds = _select(cfg, "dataset")
+    model = _select(cfg, "model")
     max_length = int(ds["max_length"])
     what = "train file"
     if rows is None:
@@ -152,8 +153,8 @@ def rate_for(cfg, rates: float | Mapping[str, float] | None) -> tuple[float | No
         return None, "-"
     if isinstance(rates, (int, float)):
         return float(rates), "--tokens-per-s"
-    name = str(_container(cfg, "adapter.name"))
-    mode = "packed" if _container(cfg, "dataset.packing") else "padded"
+    name = str(_select(cfg, "adapter.name"))
+    mode = "packed" if _select(cfg, "dataset.packing") else "padded"
     for key in (f"{name}/{mode}", name, f"lora/{mode}", "lora"):
         if key in rates:
             return float(rates[key]), f"bench {key}"
@@ -181,14 +182,14 @@ def estimate_jobs(jobs, rates=None, tokens_per_row_override: float | None = None
     out = []
     for job in jobs:
         cfg = job.config
-        n, source, rows = split_rows(_container(cfg, "dataset"))
+        n, source, rows = split_rows(_select(cfg, "dataset"))
         trained = rows_trained(cfg, n)
         if tokens_per_row_override is not None:
-            tpr, tsrc = min(float(tokens_per_row_override), float(_container(cfg, "dataset.max_length"))), "--tokens-per-row"
+            tpr, tsrc = min(float(tokens_per_row_override), float(_select(cfg, "dataset.max_length"))), "--tokens-per-row"
         else:
             tpr, tsrc = tokens_per_row(cfg, rows)
         rate, rsrc = rate_for(cfg, rates)
-        out.append(Estimate(job.num, str(_container(cfg, "run_name")), n, source, trained, tpr, tsrc,
+        out.append(Estimate(job.num, str(_select(cfg, "run_name")), n, source, trained, tpr, tsrc,
                             trained * tpr, rate, rsrc))
     return out
 
