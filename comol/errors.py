@@ -1,5 +1,7 @@
 """User-facing errors: each one is printed as a single line naming the key, file or row at fault."""
 
+import argparse
+
 
 class ComolError(Exception):
     """Base class for errors caused by user input (config, data, checkpoint, model name)."""
@@ -29,3 +31,15 @@ def config_check(ok: bool, key: str, value, expected: str) -> None:
     """Raise ConfigError(``key=value: expected ...``) when ``ok`` is false."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+class UsageError(ComolError):
+    """A command line a CLI cannot parse (unknown flag, missing or bad flag value)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for comol's CLIs: ``--help`` as usual, a bad command line raises UsageError (one line, which
+    the CLI prints as ``error: ...`` and exits 2) instead of printing the usage block."""
+
+    def error(self, message: str):
+        raise UsageError(message)

@@ -9,24 +9,25 @@ the adapter is injected, and trainable parameters are counted.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Sequence
 
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from comol.adapters import count_parameters, inject_adapter
 from comol.config import compose
-from comol.errors import ComolError
+from comol.errors import ArgumentParser, ComolError
 from comol.models import build_meta_model
+from comol.schema_base import plain_config
 
 
 def trainable_params(overrides: Sequence[str] = ()) -> tuple[int, int]:
     """(trainable, total) for the composed ``model`` + ``adapter`` of ``overrides``."""
     cfg = compose(overrides)
     model = build_meta_model(cfg.model)
-    inject_adapter(model, OmegaConf.to_container(cfg.adapter, resolve=True))
+    inject_adapter(model, plain_config(cfg.adapter))
     return count_parameters(model)
 
 
@@ -49,13 +50,23 @@ def table(overrides: Sequence[str]) -> str:
     return "\n".join(rows)
 
 
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m comol.params", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="Hydra overrides of the run config, e.g. model=qwen3_8b adapter=lora adapter.r=16")
+    p.add_argument("--table", action="store_true",
+                   help="a Markdown table of every adapter preset's trainable parameters for the backbone")
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if "--table" in args:
-            print(table([a for a in args if a != "--table"]))
+        args = parser().parse_intermixed_args(argv)
+        if args.table:
+            print(table(args.overrides))
         else:
-            n = trainable_params(args)[0]
+            n = trainable_params(args.overrides)[0]
             print(f"{millions(n)} ({n:,})")  # the paper's rounding and the exact count
     except (ComolError, HydraException, OmegaConfBaseException) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)

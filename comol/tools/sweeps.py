@@ -16,6 +16,7 @@ config loader, the way the launcher does before running it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -28,6 +29,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from comol import CONF_DIR
 from comol.adapter_presets import adapter_values
+from comol.errors import ArgumentParser, UsageError
+from comol.schema_base import plain_config
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +173,9 @@ def expand(sweep: str | None, overrides: Sequence[str] = (), with_configs: bool 
 
 def _sel(cfg: DictConfig, key: str, default: Any = None) -> Any:
     try:
-        value = OmegaConf.select(cfg, key, default=default, throw_on_resolution_failure=True)
+        return plain_config(OmegaConf.select(cfg, key, default=default, throw_on_resolution_failure=True))
     except Exception:
         return "?"
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig,)) else (
-        list(value) if OmegaConf.is_list(value) else value)
 
 
 def summarize(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict:
@@ -261,22 +262,35 @@ def job_config_yaml(job: Job) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m comol.tools.sweeps", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="Without arguments: the sweeps in conf/sweep/ with their job counts.")
+    p.add_argument("args", nargs="*", metavar="[sweep] key=value",
+                   help="a sweep name (conf/sweep/<name>.yaml), then the overrides you would give run.py")
+    p.add_argument("--json", action="store_true", help="the jobs as JSON (num, overrides, key hyperparameters)")
+    p.add_argument("--cfg", action="store_true", help="each job's full config (like `run.py --cfg job`, per job)")
+    p.add_argument("--estimate", action="store_true", help="tokens and hours per job (comol/tools/estimate.py)")
+    p.add_argument("--tokens-per-s", metavar="RATE|FILE",
+                   help="with --estimate: tokens/s, or a JSON of rates saved by `bench --pipeline --save`")
+    p.add_argument("--tokens-per-row", type=float, metavar="N",
+                   help="with --estimate: tokens per training row instead of counting them")
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    as_json, show_cfg, estimate = "--json" in args, "--cfg" in args, "--estimate" in args
-    args = [a for a in args if a not in ("--json", "--cfg", "--estimate")]
     try:
-        rates, args = _option(args, "--tokens-per-s")
-        per_row, args = _option(args, "--tokens-per-row")
-        if estimate:
+        opts = parser().parse_intermixed_args(argv)
+        rates = opts.tokens_per_s
+        if opts.estimate and rates is not None:
             from comol.tools.estimate import load_rates
 
-            rates = load_rates(rates) if rates is not None else None
-            per_row = float(per_row) if per_row is not None else None
-    except ValueError as e:
+            rates = load_rates(rates)
+    except (UsageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args or args[0] in ("-h", "--help"):
+    args = opts.args
+    if not args:
         print(__doc__.strip())
         print("\nsweeps:")
         for name in available_sweeps():
@@ -292,33 +306,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    if estimate:
+    if opts.estimate:
         from comol.tools.estimate import estimate_jobs, format_estimates
 
         try:
-            found = estimate_jobs(jobs, rates, per_row)
+            found = estimate_jobs(jobs, rates, opts.tokens_per_row)
         except ValueError as e:
             print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
             return 2
         print(format_estimates(found))
         return 0
     try:
-        _print_jobs(master, jobs, as_json, show_cfg)
+        _print_jobs(master, jobs, opts.json, opts.cfg)
     except BrokenPipeError:  # `| head`
         sys.stderr.close()
     return 0
-
-
-def _option(args: list[str], name: str) -> tuple[str | None, list[str]]:
-    """Take ``name VALUE`` (or ``name=VALUE``) out of ``args``."""
-    for i, a in enumerate(args):
-        if a == name:
-            if i + 1 >= len(args):
-                raise ValueError(f"{name} needs a value")
-            return args[i + 1], args[:i] + args[i + 2:]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1], args[:i] + args[i + 1:]
-    return None, args
 
 
 def _print_jobs(master: DictConfig, jobs: list[Job], as_json: bool, show_cfg: bool) -> None:
