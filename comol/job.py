@@ -212,11 +212,19 @@ class Job:
         self.checked: Checked | None = None
 
     # -- steps
+    def validate(self):
+        """Every config value (the schema) and the eval task's own keys (plug-ins included), before the dir is
+        claimed or anything is built; once per job."""
+        if getattr(self, "validated", None) is None:
+            self.validated = validate_config(self.cfg)
+            build_task(_container(self.cfg.eval), _container(self.cfg.get("plugins")))
+        return self.validated
+
     def start(self) -> Checked:
         """Claim the dir, record the resolved config, check everything before any work. DDP ranks > 0
         (started by Lightning's launcher with rank 0's run dir) neither claim nor write."""
         quiet_libraries()
-        validated = validate_config(self.cfg)   # every config value, before the dir is claimed or anything is built
+        validated = self.validate()
         suffix = multirun_suffix()
         if suffix and not str(self.cfg.get("run_name") or "").endswith(suffix):
             self.cfg.run_name = f"{self.cfg.get('run_name')}{suffix}"   # W&B / adapter name of this trial
@@ -307,6 +315,7 @@ class Job:
             log.warning("%s holds a finished run (results.json): nothing to resume", out_dir)
             print(f"{out_dir} holds a finished run (results.json): nothing to resume")
             return json.loads((out_dir / "results.json").read_text())
+        self.validate()
         resolved = OmegaConf.to_container(cfg, resolve=True)
         previous = previous_run_config(out_dir, resolved) if self.resume else None   # before start() rewrites it
         checked = self.start()

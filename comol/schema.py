@@ -251,6 +251,11 @@ class SchemaCallback(Callback):
 
 # ----------------------------------------------------------------------------------------------- help text
 
+def _classes(tp: Any) -> list[type]:
+    """The classes a type annotation names (through unions and ``Annotated``, e.g. the tagged eval union)."""
+    return [tp] if isinstance(tp, type) else [c for a in get_args(tp) for c in _classes(a)]
+
+
 def describe_key(dotted: str, adapter: str = "comol") -> tuple[str, str]:
     """(help text, expected values) of a dotted key, from the schema (``adapter.<field>``: the config
     dataclass of ``adapter=<adapter>``); ``python run.py --help`` prints them."""
@@ -262,7 +267,7 @@ def describe_key(dotted: str, adapter: str = "comol") -> tuple[str, str]:
     tp: Any = RunConfig
     info = None
     for part in dotted.split("."):
-        models = [tp] if isinstance(tp, type) else [a for a in get_args(tp) if isinstance(a, type)]
+        models = _classes(tp)
         found = [m.model_fields[part] for m in models if issubclass(m, Schema) and part in m.model_fields]
         info = next((i for i in found if i.annotation is not Any), found[0])   # toy_math's unused train: last
         tp = info.annotation

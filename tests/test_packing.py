@@ -54,7 +54,7 @@ def run(model, batch, coeff: float):
         out = lit(batch)
         aux = ctx.aux_loss()
         stats = routing.summary()
-    loss = out.loss + (coeff * aux if aux is not None else 0)
+    loss = out.loss   # the model's objective: LM loss + aux_loss_coeff x aux (comol/adapters/context.py)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     counts = {n: m.adapter_step_counts.clone() for n, m in model.named_modules()
@@ -107,8 +107,8 @@ def test_packed_batch_trains_what_the_padded_batch_trains(family, name, layout):
         logp = torch.log_softmax(row_logits_padded(out_p, padded, i).double(), -1)
         terms += [-logp[t - 1, f["labels"][t]] for t in range(1, len(f["labels"])) if f["labels"][t] != IGNORE_INDEX]
     naive = torch.stack(terms).mean()
-    torch.testing.assert_close(out_p.loss.double(), naive, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out_k.loss.double(), naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_p.lm_loss.double(), naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_k.lm_loss.double(), naive, atol=1e-5, rtol=1e-5)
     if coeff:
         assert aux_p is not None
         torch.testing.assert_close(aux_k, aux_p, atol=1e-6, rtol=1e-5)

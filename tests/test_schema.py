@@ -84,8 +84,8 @@ BAD = [
     ("enum", ["mode=predict"], "mode='predict' is invalid: expected ..."),
     ("enum", ["trainer.accelerator=quantum"], "trainer.accelerator='quantum' is invalid: expected one of 'auto'..."),
     ("enum", ["trainer.precision=8"], "trainer.precision=8 is invalid: expected one of 32, 32-true, 16..."),
-    ("enum", ["eval.task=poetry"], "eval.task='poetry' is invalid: expected 'math' or 'commonsense' or 'code' or "
-                                   "'none'"),
+    ("enum", ["eval.task=poetry"], "eval.task='poetry' is invalid: expected one of code, commonsense, math, none (a "
+                                   "plug-in task is loaded from plugins=[<dir or module>] or $COMOL_PLUGINS)"),
     ("enum", ["dataset=real_commonsense", "eval=none", "dataset.source=eval_splits"],
      "dataset.source='eval_splits' is invalid: expected 'toy_math' or 'files' or 'eval_split'"),
     ("enum", ["adapter.name=nope"], "adapter.name='nope' is not a known adapter; known: adamole, comol, ..."),

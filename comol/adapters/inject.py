@@ -171,7 +171,7 @@ def _check_bounded(path: Path, section: str, node: Any, caps: Mapping[str, int])
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= cap:
-            raise CheckpointError(f"{path}: {section}.{key}={value!r} is invalid: expected an integer in 0..{cap}")
+            raise CheckpointError(f"{path}: {section}.{key}={value!r} is invalid: expected an integer in [0, {cap}]")
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
