@@ -217,7 +217,7 @@ class Job:
         claimed or anything is built; once per job."""
         if getattr(self, "validated", None) is None:
             self.validated = validate_config(self.cfg)
-            build_task(_container(self.cfg.eval), _container(self.cfg.get("plugins")))
+            build_task(plain_config(self.cfg.eval), plain_config(self.cfg.get("plugins")))
         return self.validated
 
     def start(self) -> Checked:
