@@ -1,7 +1,7 @@
 """The documentation's own cross-references resolve: every relative Markdown link (inline, image or
 reference-style) in README.md, docs/*.md, data/README.md and sweeps/README.md names an existing file
 (the ``#anchor`` part is not checked, http(s) and mailto links are skipped), and every backticked
-``docs/<name>.md`` in them exists."""
+``docs/<name>.md`` in them exists; docs/architecture.md's layer diagram is exactly .importlinter's layers."""
 
 from __future__ import annotations
 
@@ -54,3 +54,42 @@ def test_relative_links_point_to_existing_files(doc):
 def test_backticked_docs_references_exist(doc):
     missing = [ref for ref in _DOCS_REF.findall(doc.read_text()) if not (ROOT / ref).is_file()]
     assert not missing, f"{doc.relative_to(ROOT)}: references to missing files {missing}"
+
+
+def _importlinter_layers() -> list[list[str]]:
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / ".importlinter")
+    lines = parser["importlinter:contract:layers"]["layers"].strip().splitlines()
+    return [line.split() for line in lines]
+
+
+def _architecture_layers(text: str) -> list[list[str]]:
+    """The layer diagram of docs/architecture.md: the indented block under "## Layers", one layer per labelled
+    line (continuation lines start with ':' or '|'), parenthesised notes and '|' connector lines dropped."""
+    block = text[text.index("\n## Layers\n"):]
+    section_text = block[:block.find("\n## ", 1)]
+    layers: list[list[str]] = []
+    for line in section_text.splitlines():
+        if not line.startswith("    ") or not line.strip() or line.strip() == "|":
+            continue
+        body = re.sub(r"\(.*?\)", "", line).split()
+        if body[0] not in (":", "|"):          # a labelled line ("entry points  comol.main : ...") opens a layer
+            layers.append([])
+            while body and not body[0].startswith("comol."):
+                body = body[1:]
+        layers[-1] += body
+    return layers
+
+
+def test_architecture_page_draws_the_enforced_layers():
+    """docs/architecture.md's diagram lists exactly .importlinter's layers, in order, with the same separators."""
+    assert _architecture_layers((ROOT / "docs" / "architecture.md").read_text()) == _importlinter_layers()
+
+
+def test_architecture_parser_sees_a_changed_layer():
+    text = "\n## Layers\n\n    top layer   comol.a : comol.b\n        |\n    low   comol.c | comol.d   (note)\n\n## Next\n"
+    assert _architecture_layers(text) == [["comol.a", ":", "comol.b"], ["comol.c", "|", "comol.d"]]
+    assert _architecture_layers(text.replace("comol.b", "comol.x")) != [["comol.a", ":", "comol.b"],
+                                                                        ["comol.c", "|", "comol.d"]]
