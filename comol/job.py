@@ -39,7 +39,7 @@ from comol.preflight import Checked, preflight
 from comol.run_dir import claim_run_dir, release_run_dir
 from comol.schema import plain_config, validate_config
 from comol.training.best_adapter import BestAdapterKeeper
-from comol.training.callbacks import build_callbacks
+from comol.training.callbacks import build_callbacks, lightning_trainer_node
 from comol.training.checkpointing import checkpoint_path
 from comol.training.distributed import DistributedRun, is_global_zero
 from comol.training.divergence import DivergenceError, DivergenceGuard, nonfinite_tensors
@@ -268,7 +268,7 @@ class Job:
         guard = next((c for c in callbacks if isinstance(c, DivergenceGuard)), None)
         multi = DistributedRun(out_dir)
         bar = bool(cfg.trainer.enable_progress_bar) and on_terminal()  # redirected: progress lines instead
-        trainer_cfg = {k: v for k, v in plain_config(cfg.trainer).items() if k != "compile"}   # ours: AdapterLM
+        trainer_cfg = lightning_trainer_node(plain_config(cfg.trainer))   # trainer.compile is AdapterLM's
         trainer: L.Trainer = instantiate(trainer_cfg, logger=loggers.loggers or False, default_root_dir=str(out_dir),
                                          callbacks=callbacks + multi.callbacks, enable_progress_bar=bar)
         start = time.time()

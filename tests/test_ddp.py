@@ -24,6 +24,7 @@ from comol.config import compose
 from comol.data.datamodule import collate_left
 from comol.models import load_backbone
 from comol.models.lit_module import AdapterLM
+from comol.training.callbacks import lightning_trainer_node
 from comol.training.distributed import AdapterWrapPolicy, global_order_sampler
 from tests.conftest import micro_model_cfg
 
@@ -101,7 +102,7 @@ def _fit(adapter: dict, devices: int) -> tuple[dict, float | None, dict[str, flo
                  "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
     cfg = compose(overrides)
     strategy = instantiate(cfg.trainer.strategy, start_method="fork") if devices > 1 else "auto"
-    trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "strategy"}
+    trainer_cfg = {k: v for k, v in lightning_trainer_node(cfg.trainer).items() if k != "strategy"}
     trainer = instantiate(trainer_cfg, strategy=strategy, logger=False, limit_val_batches=0)
     with mock.patch.object(RoutingStats, "summary", _summary_and_loads):  # the forked ranks inherit it
         trainer.fit(lit, datamodule=data)

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from comol import CONF_DIR, ROOT
 from comol.adapter_presets import adapter_values
+from comol.training.callbacks import lightning_trainer_node
 from comol.adapters import build_adapter_config
 from comol.config import compose
 from comol.tools.sweeps import available_sweeps, expand as _expand
@@ -312,5 +313,5 @@ def test_every_experiment_preset_builds_a_lightning_trainer(tmp_path):
     for preset in presets:
         cfg = compose([f"experiment={preset}"])
         cfg.trainer.accelerator, cfg.trainer.precision = "cpu", "32-true"  # CI has no GPU
-        trainer = instantiate(cfg.trainer, logger=False, default_root_dir=str(tmp_path))
+        trainer = instantiate(lightning_trainer_node(cfg.trainer), logger=False, default_root_dir=str(tmp_path))
         assert trainer.accumulate_grad_batches == (1 if preset.startswith(REAL) else 4), preset

@@ -45,3 +45,12 @@ def build_callbacks(node: Mapping[str, Any] | None, **runtime: Any) -> list[L.Ca
         if cb is not None:
             out.append(cb)
     return out
+
+
+#: keys of the ``trainer`` group that are comol's, not ``lightning.Trainer`` arguments (``compile``: AdapterLM)
+COMOL_TRAINER_KEYS = ("compile",)
+
+
+def lightning_trainer_node(trainer: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``trainer`` node as ``lightning.Trainer`` takes it: comol's own keys (``COMOL_TRAINER_KEYS``) left out."""
+    return {k: v for k, v in trainer.items() if k not in COMOL_TRAINER_KEYS}
