@@ -191,12 +191,17 @@ def objective(cfg: DictConfig, results: dict) -> float:
 # ----------------------------------------------------------------------------------------------- the job
 
 def multirun_suffix() -> str:
-    """``-j<job number>`` for a job of a Hydra multirun (Optuna trials share every other part of the run
-    name), else ''."""
+    """``-j<job number>`` for a trial of a search sweeper (Optuna: trials share every other part of the run
+    name), else '' (single runs, and the basic sweeper's jobs, whose overrides already name them apart)."""
     if not HydraConfig.initialized():
         return ""
     hc = HydraConfig.get()
-    return f"-j{hc.job.num}" if hc.mode == RunMode.MULTIRUN and hc.job.get("num") is not None else ""
+    if hc.mode != RunMode.MULTIRUN or hc.job.get("num") is None:
+        return ""
+    # the basic sweeper's jobs differ in their overrides, and so in their names already; a search sweeper's
+    # trials (Optuna) share every name-giving key but lr and friends: they get their trial number
+    sweeper = str((hc.get("sweeper") or {}).get("_target_", ""))
+    return "" if sweeper.endswith("BasicSweeper") else f"-j{hc.job.num}"
 
 
 class Job:
