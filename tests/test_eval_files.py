@@ -34,7 +34,7 @@ def test_data_dir_env_and_default(monkeypatch, tmp_path):
 def test_installed_wheel_reads_data_from_the_working_dir(monkeypatch, tmp_path):
     """Without a checkout around the package (no run.py beside it) the data dir is ./data, never a
     folder that merely sits next to the installed package (site-packages/data)."""
-    import comol.eval.eval_files as ef
+    import comol as ef
 
     monkeypatch.delenv("COMOL_DATA_DIR", raising=False)
     site = tmp_path / "site-packages"

@@ -166,7 +166,7 @@ def test_mode_eval_on_a_saved_adapter(smollm2, tmp_path):
 
 
 def test_real_commonsense_split_is_seeded_and_disjoint(tmp_path):
-    cfg = compose(["experiment=real_commonsense/smollm2_135m/lora", f"paths.output_dir={tmp_path}"]).dataset
+    cfg = compose(["experiment=real_commonsense/lora", f"paths.output_dir={tmp_path}"]).dataset
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -187,7 +187,7 @@ def test_real_commonsense_split_is_seeded_and_disjoint(tmp_path):
 
 @pytest.mark.slow
 def test_base_mode_scores_the_bare_backbone_on_the_held_out_rows(smollm2, tmp_path):
-    results = run(compose(["experiment=real_commonsense/smollm2_135m/base", "dataset.train_per_set=2",
+    results = run(compose(["experiment=real_commonsense/base", "dataset.train_per_set=2",
                            "dataset.val_per_set=0", "dataset.test_per_set=2", "eval.max_new_tokens=4",
                            "logger=none", f"paths.output_dir={tmp_path}"]))
     assert results["params/trainable"] == 0 and not (tmp_path / "adapter").exists()
