@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -31,6 +32,24 @@ def fresh_micro_model(family: str = "qwen3"):
         _MICRO_CACHE[family] = load_backbone(micro_model_cfg(family))
     model, tok = _MICRO_CACHE[family]
     return copy.deepcopy(model).eval(), tok
+
+
+@pytest.fixture(autouse=True)
+def _registries_restored():
+    """Tasks and adapters a test registers (a plug-in, a throw-away class) do not leak into later tests."""
+    from comol.adapters import base as adapter_base
+    from comol.eval.tasks import base as task_base
+
+    tasks, adapters = dict(task_base._TASKS), dict(adapter_base._REGISTRY)
+    modules = set(sys.modules)
+    yield
+    for name in set(sys.modules) - modules:     # plug-in modules imported by the test: re-importable later
+        if name.startswith("comol_plugin_"):
+            del sys.modules[name]
+    task_base._TASKS.clear()
+    task_base._TASKS.update(tasks)
+    adapter_base._REGISTRY.clear()
+    adapter_base._REGISTRY.update(adapters)
 
 
 @pytest.fixture(autouse=True)

@@ -127,7 +127,6 @@ def test_objective_is_always_a_float():
         objective_spec(compose(["objective.direction=up"]))
 
 
-@register_task("always_nan")
 class AlwaysNan(EvalTask):
     def score(self, set_name, response, row):
         return {"correct": False}
@@ -138,6 +137,7 @@ class AlwaysNan(EvalTask):
 
 def test_base_mode_results_get_the_finite_check(tmp_path):
     """One writer of results.json: mode=base too marks a job with a non-finite metric failed (it skipped it)."""
+    register_task("always_nan")(AlwaysNan)      # conftest restores the registry after the test
     results = run(compose([*FAST, "mode=base", "eval.task=always_nan", f"paths.output_dir={tmp_path}"]))
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["status"] == "failed" and on_disk["eval/always_nan/mean_acc"] is None

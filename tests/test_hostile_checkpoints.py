@@ -54,7 +54,7 @@ def _hostile(kind: str, path: Path, marker: Path) -> None:
         path.write_bytes(pickle.dumps({"global_step": 1, "callbacks": {"RunCheckpoint": {"x": RunsCode(marker)}}},
                                       protocol=protocol))
     elif kind == "garbage":
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(b"this is not a checkpoint\n" * 160)   # fixed bytes: random ones can parse as opcodes
     elif kind == "not_a_dict":
         torch.save([torch.zeros(1)], path)
     else:
