@@ -38,7 +38,7 @@ import torch
 
 from comol.data.datamodule import BIN_ROWS, SFTDataModule, encode_example
 from comol.data.loading import load_rows
-from comol.data.packing import pack_rows, padding_ratio, real_tokens
+from comol.data.packing import pack_bins, pack_rows, padding_ratio, real_tokens
 from comol.training.sampler import ResumableSampler, row_permutation
 
 SPLITS = {"math_14k": "train/math_14k_validation.json", "commonsense_15k": "train/commonsense_15k_validation.json",
@@ -76,9 +76,10 @@ def padding_ratios(tokenizer, batch: int, max_length: int, seed: int = 0) -> lis
         grouped_order = list(LengthGroupedSampler(lengths, seed, group=batch * 50))
         grouped = [grouped_order[i:i + batch] for i in range(0, len(grouped_order), batch)]
         packs = pack_rows(lengths, order, batch * max_length)
+        bin_packs = pack_bins(lengths, order, batch * max_length, BIN_ROWS * max_length)
         out.append({"split": name, "rows": len(rows), "mean_tokens": sum(lengths) / len(lengths),
                     "padded": padding_ratio(lengths, padded), "grouped": padding_ratio(lengths, grouped),
-                    "packed_bins": padding_ratio(lengths, packs, layout="bins", width=BIN_ROWS * max_length),
+                    "packed_bins": padding_ratio(lengths, bin_packs, layout="bins", width=BIN_ROWS * max_length),
                     "packed_flat": padding_ratio(lengths, packs, layout="flat")})
     return out
 
