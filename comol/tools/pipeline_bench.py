@@ -39,8 +39,6 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torch.utils.data import SequentialSampler
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from comol.adapters import inject_adapter
 from comol.config import compose
@@ -169,7 +167,10 @@ class PeftVariant:
     """PEFT LoRA trained by transformers.Trainer (DataCollatorForSeq2Seq), the same rows in the same order."""
 
     def __init__(self, label: str, base, tok, rows, adapter: dict, args, order: list[int]):
-        import peft   # an optional dependency (the `real` extra): only this variant needs it
+        # only this variant needs them: peft is optional (the `real` extra), and transformers' Trainer pulls in
+        # its integrations, which print to stdout on import when WANDB_MODE=offline (`bench --help` stays clean)
+        import peft
+        from transformers import DataCollatorForSeq2Seq
 
         self.label, self.clock, self.args = label, StepClock(), args
         lcfg = peft.LoraConfig(r=adapter["r"], lora_alpha=adapter["alpha"], lora_dropout=adapter["dropout"],
@@ -180,6 +181,9 @@ class PeftVariant:
         self.collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
 
     def fit(self, steps: int) -> None:
+        from torch.utils.data import SequentialSampler
+        from transformers import Trainer, TrainerCallback, TrainingArguments
+
         variant = self
 
         class Clock(TrainerCallback):
