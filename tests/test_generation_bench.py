@@ -154,7 +154,9 @@ def test_bench_cli_end_to_end(monkeypatch, capsys):
         micro_model_cfg("qwen3", max_position_embeddings=1024))))
     assert bench.main(["--generate", "--model", "micro", "--prompts", "6", "--max-new-tokens", "4", "--rounds", "2",
                        "--batch-sizes", "1,4,16"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "round 2/2 batch 16 static: " in captured.err and "24 new tokens" in captured.err
     assert "generation: micro + comol adapter, 6 prompts of math/gsm8k" in out
     lines = [l for l in out.splitlines() if l.startswith("| batch ")]
     labels = [l.split("|")[1].strip() for l in lines[:5]]

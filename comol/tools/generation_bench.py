@@ -26,9 +26,10 @@ set for each batch size, sorted and unsorted (tokenizer only).
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -96,8 +97,9 @@ def prompt_padding(tok, prompts: list[str], batch_size: int, sort_by_length: boo
 
 
 def measure_generation(model, tok, prompts: list[str], variants: list[GenVariant], max_new_tokens: int,
-                       rounds: int) -> list[dict[str, Any]]:
-    """Time each variant over all prompts, interleaved rounds; a variant that fails is reported, not timed."""
+                       rounds: int, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Time each variant over all prompts, interleaved rounds; a variant that fails is reported, not timed.
+    ``progress`` receives one line per timed call."""
     rows = [{"variant": v, "times": [], "texts": None, "stats": None, "error": None} for v in variants]
     for row in rows:   # warm-up, untimed; also checks that the variant runs here
         v = row["variant"]
@@ -112,6 +114,9 @@ def measure_generation(model, tok, prompts: list[str], variants: list[GenVariant
             texts, stats = row["variant"].run(model, tok, prompts, max_new_tokens)
             row["times"].append(time.perf_counter() - start)
             row["texts"], row["stats"] = texts, stats
+            if progress:
+                progress(f"round {r + 1}/{rounds} {row['variant'].label}: {row['times'][-1]:.1f} s, "
+                         f"{stats.new_tokens} new tokens")
     for row in live:
         row["seconds"] = statistics.median(row["times"])
         row["tokens_per_s"] = row["stats"].new_tokens / row["seconds"]
@@ -172,7 +177,8 @@ def run_generation(args) -> int:
     all_prompts = set_prompts(task, set_name)
     prompts = all_prompts[:args.prompts]
     variants = make_variants(sizes, task.cfg.batch_size, static=not args.no_static)
-    rows = measure_generation(model, tok, prompts, variants, args.max_new_tokens, args.rounds)
+    rows = measure_generation(model, tok, prompts, variants, args.max_new_tokens, args.rounds,
+                              progress=lambda line: print(line, file=sys.stderr, flush=True))
     header = (f"generation: {args.model} + {args.adapter} adapter, {len(prompts)} prompts of {args.set} "
               f"(eval={task.name} prompt), greedy, max_new_tokens {args.max_new_tokens}, fp32, "
               f"{next(model.parameters()).device}, torch threads {torch.get_num_threads()}, median of {args.rounds} "
