@@ -153,11 +153,12 @@ def test_bench_cli_end_to_end(monkeypatch, capsys):
     monkeypatch.setattr(generation_bench, "load_model", lambda name: (load_backbone(
         micro_model_cfg("qwen3", max_position_embeddings=1024))))
     assert bench.main(["--generate", "--model", "micro", "--prompts", "6", "--max-new-tokens", "4", "--rounds", "2",
-                       "--batch-sizes", "1,4,16"]) == 0
+                       "--batch-sizes", "1,4,16", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     out = captured.out
     assert "round 2/2 batch 16 static: " in captured.err and "24 new tokens" in captured.err
-    assert "generation: micro + comol adapter, 6 prompts of math/gsm8k" in out
+    assert ("generation: micro + comol adapter, 6 prompts of math/gsm8k (eval=math prompt), greedy, "
+            "max_new_tokens 4, float32, cpu") in out
     lines = [l for l in out.splitlines() if l.startswith("| batch ")]
     labels = [l.split("|")[1].strip() for l in lines[:5]]
     assert labels == ["batch 16 (default)", "batch 1", "batch 4", "batch 16 unsorted", "batch 16 static"]

@@ -150,7 +150,7 @@ def padding_table(tok, prompts: list[str], batch_sizes: list[int], what: str) ->
 
 
 def add_arguments(p) -> None:
-    g = p.add_argument_group("--generate (also uses --model, --rounds, --threads)")
+    g = p.add_argument_group("--generate (also uses --model, --rounds, --device, --threads)")
     g.add_argument("--generate", action="store_true", help="tokens/s of the evaluation generate loop: batch size, "
                                                             "length sorting, static vs dynamic KV cache")
     g.add_argument("--set", default="math/gsm8k", help="<eval config>/<set> whose prompts are generated")
@@ -173,15 +173,15 @@ def run_generation(args) -> int:
     model, tok = load_model(args.model)
     if args.adapter != "none":
         inject_adapter(model, {"name": args.adapter, **adapter_preset(args.adapter)})
-    model.eval()
+    model.to(args.device).eval()
     all_prompts = set_prompts(task, set_name)
     prompts = all_prompts[:args.prompts]
     variants = make_variants(sizes, task.cfg.batch_size, static=not args.no_static)
     rows = measure_generation(model, tok, prompts, variants, args.max_new_tokens, args.rounds,
                               progress=lambda line: print(line, file=sys.stderr, flush=True))
     header = (f"generation: {args.model} + {args.adapter} adapter, {len(prompts)} prompts of {args.set} "
-              f"(eval={task.name} prompt), greedy, max_new_tokens {args.max_new_tokens}, fp32, "
-              f"{next(model.parameters()).device}, torch threads {torch.get_num_threads()}, median of {args.rounds} "
+              f"(eval={task.name} prompt), greedy, max_new_tokens {args.max_new_tokens}, "
+              f"{str(next(model.parameters()).dtype).removeprefix('torch.')}, {next(model.parameters()).device}, torch threads {torch.get_num_threads()}, median of {args.rounds} "
               f"interleaved rounds")
     print(generation_report(rows, header))
     print()
