@@ -254,7 +254,7 @@ class Job:
             return model, tokenizer, {"params/trainable": trainable, "params/total": total}
         if self.mode == "eval":
             adapter_dir = Path(cfg.adapter_path)
-            adapter_cfg = load_adapter(model, adapter_dir)
+            adapter_cfg = load_adapter(model, adapter_dir, verified=checked.adapter)   # read and hashed once
             return model, tokenizer, {"adapter_path": str(adapter_dir.resolve()), "adapter": adapter_cfg.name}
         return model, tokenizer, {"params/trainable": 0, "params/total": sum(p.numel() for p in model.parameters()),
                                   "train/steps": 0}

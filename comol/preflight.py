@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig
 
+from comol.adapters.inject import VerifiedAdapter
 from comol.data import dataset_splits
 from comol.data.checks import check_row_lengths, token_lengths, training_row_warnings  # noqa: F401  (re-exported)
 from comol.eval.eval_checks import check_saved_adapter, eval_backbone  # noqa: F401  (re-exported)
@@ -36,7 +37,7 @@ class Checked:
     tokenizer: Any
     splits: dict[str, list[dict]] = field(default_factory=dict)    # training rows per split (+ toy 'test')
     task: EvalTask | None = None                                     # the eval task, its rows read and checked
-    adapter_meta: dict | None = None                                 # mode=eval: adapter_config.json
+    adapter: VerifiedAdapter | None = None                           # mode=eval: adapter_config.json + weights, checked
     warnings: list[str] = field(default_factory=list)
     config: RunConfig | None = None                                  # the validated config
 
@@ -78,9 +79,9 @@ def preflight(cfg: DictConfig | Mapping[str, Any], model_given: bool | None = No
     """Check the whole job and read its inputs; raise a one-line ComolError on the first problem."""
     run = validated if validated is not None else validate_config(cfg)
     c = plain_config(cfg)
-    meta, ds = None, c["dataset"]
+    adapter, ds = None, c["dataset"]
     if run.mode == "eval":
-        meta, model_cfg, ds = check_saved_adapter(c, model_given)
+        adapter, model_cfg, ds = check_saved_adapter(c, model_given)
     else:
         model_cfg = dict(c["model"])
     context = (model_cfg.get("arch") or {}).get("max_position_embeddings")
@@ -99,5 +100,5 @@ def preflight(cfg: DictConfig | Mapping[str, Any], model_given: bool | None = No
     warnings += prompt_length_warnings(task, tokenizer, context)
     for w in warnings:
         log.warning(w)
-    return Checked(model_cfg=model_cfg, tokenizer=tokenizer, splits=splits, task=task, adapter_meta=meta,
+    return Checked(model_cfg=model_cfg, tokenizer=tokenizer, splits=splits, task=task, adapter=adapter,
                    warnings=warnings, config=run)

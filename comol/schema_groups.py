@@ -10,12 +10,11 @@ import importlib
 import inspect
 from typing import Annotated, Any, Literal
 
-from omegaconf import OmegaConf
 from pydantic import Field, model_validator
 
 from comol.errors import ConfigError
 from comol.schema_base import (Fraction, Key, NonEmptyStr, NonNegFloat, NonNegInt, PosFloat, PosInt,
-                               Probability, Schema, Seed, UnitInterval, check, invalid)
+                               Probability, Schema, Seed, UnitInterval, check, invalid, plain_config)
 
 FAMILIES = ("qwen3", "llama")                       # comol.models.backbone maps each to a transformers config
 DTYPES = ("float32", "bfloat16", "float16")
@@ -96,8 +95,7 @@ class ModelConfig(Schema):
 
 def check_model(model_cfg: Any) -> ModelConfig:
     """A ``model`` node (composed, or a saved adapter's ``base_model``) checked on its own."""
-    node = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else model_cfg
-    return check(ModelConfig, node, "model")
+    return check(ModelConfig, plain_config(model_cfg), "model")
 
 
 # ----------------------------------------------------------------------------------------------- optim

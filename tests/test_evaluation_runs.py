@@ -93,6 +93,26 @@ def test_eval_saved_adapter_on_six_math_files(tmp_path, trained_adapter, shared_
     assert json.loads((tmp_path / "results.json").read_text())["eval/math/mean_acc"] == res["eval/math/mean_acc"]
 
 
+def test_eval_reads_and_hashes_the_adapter_weights_once(tmp_path, trained_adapter, monkeypatch):
+    """mode=eval: the checks read and hash the weights file; the load uses those very bytes (no second hash)."""
+    import hashlib
+
+    from comol.adapters import inject
+
+    weights = (trained_adapter / inject.WEIGHTS_FILE).read_bytes()
+    hashed = []
+    real_sha256 = hashlib.sha256
+
+    def counting_sha256(data=b"", *a, **k):
+        if data == weights:
+            hashed.append(1)
+        return real_sha256(data, *a, **k)
+
+    monkeypatch.setattr(inject.hashlib, "sha256", counting_sha256)
+    res = eval_run(tmp_path, trained_adapter, "eval=toy_math", "eval.limit=2", "eval.max_new_tokens=4")
+    assert any(k.startswith("eval/") for k in res) and len(hashed) == 1
+
+
 def test_eval_commonsense_and_a_rerun_never_overwrites(tmp_path, trained_adapter, shared_data):
     from comol.run_dir import RunDirTaken
 

@@ -13,7 +13,8 @@ from conftest import fresh_micro_model
 from comol.adapters import adapter_context, inject_adapter
 from comol.data import collate_left, encode_example, generate_toy_math
 from comol.data.datamodule import SFTDataModule, check_batching
-from comol.data.packing import (IGNORE_INDEX, TOKEN_MASK_KEY, collate_packed, first_fit_decreasing, pack_rows,
+from comol.data.packing import (IGNORE_INDEX, TOKEN_MASK_KEY, collate_packed, fill_room, first_fit_decreasing, next_fit,
+                                pack_bins, pack_rows,
                                 padding_ratio)
 from comol.errors import ConfigError
 from comol.models.lit_module import AdapterLM
@@ -170,11 +171,14 @@ def test_collate_packed_layout():
     assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
     assert flat["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, 7, 8, 9]]
     assert TOKEN_MASK_KEY not in flat and "attention_mask" not in flat
-    bins = collate_packed(feats, pad_id=0, layout="bins", width=5)   # FFD: [6 7 8 9 | tail], [1 2 3 | 4 5]
+    bins = collate_packed(feats, pad_id=0, layout="bins", width=5)   # cut in order: [1 2 3 | 4 5], [6 7 8 9 | tail]
+    assert bins["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert bins["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert bins["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, 7, 8, 9, -100]]
+    assert bins[TOKEN_MASK_KEY].tolist() == [[True] * 5, [True] * 4 + [False]]
+    # out of order, the cut needs three bins of 5; first-fit-decreasing two: [6 7 8 9 | tail], [1 2 3 | 4 5]
+    bins = collate_packed([feats[0], feats[2], feats[1]], pad_id=0, layout="bins", width=5)
     assert bins["input_ids"].tolist() == [[6, 7, 8, 9, 0], [1, 2, 3, 4, 5]]
-    assert bins["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
-    assert bins["labels"].tolist() == [[-100, 7, 8, 9, -100], [-100, 2, 3, -100, 5]]
-    assert bins[TOKEN_MASK_KEY].tolist() == [[True] * 4 + [False], [True] * 5]
 
 
 def test_pack_rows_is_greedy_in_order_and_ffd_fills_bins():
@@ -189,6 +193,53 @@ def test_pack_rows_is_greedy_in_order_and_ffd_fills_bins():
     # bins: 5 | 3 + 2 in two bins of 5 (balanced), not 5 + 3 | 2 in two bins of 8
     assert padding_ratio(lengths, [(0, 1, 4)], layout="bins", width=8) == 1.0
     assert padding_ratio(lengths, [(0, 1, 3)], layout="bins", width=8) == pytest.approx(16 / 14)
+
+
+def test_fill_room_finds_the_best_subset_sum_like_a_brute_force_search():
+    """The bitset subset-sum against every subset (naive), on hand-made and random rows."""
+    import itertools
+    import random
+
+    assert fill_room([5, 3, 4, 6, 2], 9) == [0, 2]          # 5 + 4 = 9 (earliest rows preferred over 3 + 6)
+    assert fill_room([7, 8], 6) == [] and fill_room([], 10) == []
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(0, 9))]
+        room = rng.randint(0, 100)
+        picked = fill_room(lengths, room)
+        best = max((sum(c) for k in range(len(lengths) + 1) for c in itertools.combinations(lengths, k)
+                    if sum(c) <= room), default=0)
+        assert picked == sorted(set(picked)) and sum(lengths[i] for i in picked) == best
+
+
+def test_pack_bins_fills_bins_in_order_and_keeps_every_row_once():
+    lengths = [5, 3, 4, 6, 2, 7, 1, 8]
+    # two bins of 10 per pack: [0: 5 + 3 + 2] [2: 4 + 6] | [5: 7 + 1] [7: 8]  (each bin starts with the oldest row)
+    assert pack_bins(lengths, range(8), budget=20, width=10) == [(0, 1, 4, 2, 3), (5, 6, 7)]
+    assert next_fit([lengths[i] for i in (0, 1, 4, 2, 3)], 10) == [[0, 1, 2], [3, 4]]   # collate gets them back
+    # budget < width: one bin of 6 tokens per pack; a row longer than the bin gets one of its own
+    assert pack_bins(lengths, range(8), budget=6, width=10) == [(0, 6), (1, 4), (2,), (3,), (5,), (7,)]
+    import random
+
+    rng = random.Random(1)
+    lengths = [rng.randint(20, 300) for _ in range(500)]
+    order = list(range(500))
+    rng.shuffle(order)
+    packs = pack_bins(lengths, order, budget=16 * 300, width=600)
+    flat = [i for p in packs for i in p]
+    assert sorted(flat) == sorted(order)                                   # every row exactly once
+    placed: set[int] = set()
+    for p in packs:
+        bins = next_fit([lengths[i] for i in p], 600)
+        assert len(bins) <= 8 and sum(lengths[i] for i in p) <= 16 * 300
+        for b in bins:          # no row waits: every bin starts with the oldest row not yet placed
+            rows = [p[k] for k in b]
+            waiting = [r for r in order if r not in placed]
+            assert rows[0] == waiting[0] and set(rows[1:]) <= set(waiting[1:16])   # the rest: the next 15 waiting
+            placed.update(rows)
+    greedy = pack_rows(lengths, order, 16 * 300)
+    assert padding_ratio(lengths, packs, layout="bins", width=600) < 1.02 < \
+        padding_ratio(lengths, greedy, layout="bins", width=600)
 
 
 def test_samplers_share_one_global_order_and_resume():

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -249,14 +250,29 @@ def weights_header(adapter_dir: str | os.PathLike, data: bytes) -> dict[str, tup
     return out
 
 
+@dataclass(frozen=True)
+class VerifiedAdapter:
+    """An adapter dir's config and the weights file's bytes, read once and checked against the checksum:
+    loading these bytes later needs no second read or hash (and cannot load a file swapped in between)."""
+
+    meta: dict
+    data: bytes
+
+
+def verified_adapter(adapter_dir: str | os.PathLike) -> VerifiedAdapter:
+    meta = read_adapter_config(adapter_dir)
+    return VerifiedAdapter(meta, verify_adapter_weights(adapter_dir, meta))
+
+
 def read_adapter_tensors(adapter_dir: str | os.PathLike, meta: Mapping[str, Any] | None = None,
-                         expected: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, read only after every check: the checksum, the safetensors header (floating
-    point dtypes; when ``expected`` (name -> shape) is given, exactly those names and shapes, checked before any
-    tensor is read), finite values."""
+                         expected: Mapping[str, tuple[int, ...]] | None = None,
+                         verified: VerifiedAdapter | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, read only after every check: the checksum (already done for ``verified``), the
+    safetensors header (floating point dtypes; when ``expected`` (name -> shape) is given, exactly those names
+    and shapes, checked before any tensor is read), finite values."""
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / WEIGHTS_FILE
-    data = verify_adapter_weights(adapter_dir, meta)
+    data = verified.data if verified is not None else verify_adapter_weights(adapter_dir, meta)
     header = weights_header(adapter_dir, data)
     if expected is not None:
         check_tensor_shapes(path, {k: v[1] for k, v in header.items()}, expected, meta)
@@ -333,13 +349,15 @@ def check_adapter_backbone(adapter_dir: str | os.PathLike, meta: Mapping[str, An
                           f"adapter's own backbone, or set allow_backbone_mismatch=true")
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bool = False) -> AdapterConfig:
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bool = False,
+                 verified: VerifiedAdapter | None = None) -> AdapterConfig:
     """Rebuild the saved adapter on a fresh ``model`` and load its tensors (exact round trip).
 
-    ``trainable=True`` leaves the adapter parameters trainable (for resuming training).
+    ``trainable=True`` leaves the adapter parameters trainable (for resuming training). ``verified``: the
+    dir's config and weights as a check already read them (``verified_adapter``), used instead of re-reading.
     """
     adapter_dir = Path(adapter_dir)
-    meta = read_adapter_config(adapter_dir)
+    meta = verified.meta if verified is not None else read_adapter_config(adapter_dir)
     try:
         cfg = build_adapter_config(meta["adapter"])
         # the tensors the config would allocate, on a meta twin: they must be the weights file's, checked
@@ -347,7 +365,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, trainable: bo
         expected = adapter_shapes(model, cfg)
     except ComolError as e:
         raise CheckpointError(f"{adapter_dir / CONFIG_FILE}: {e}") from None
-    tensors = read_adapter_tensors(adapter_dir, meta, expected)
+    tensors = read_adapter_tensors(adapter_dir, meta, expected, verified)
     cfg = inject_adapter(model, cfg)
     model.load_state_dict(tensors, strict=False)
     set_trainable(model, trainable)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from comol.data.clip import clip_row
 from comol.data.eval_split import eval_split
 from comol.data.loading import drop_rows_in, load_rows
-from comol.data.packing import check_packable, collate_packed, layout_for, pack_rows
+from comol.data.packing import check_packable, collate_packed, layout_for, pack_bins, pack_rows
 from comol.data.pinned import train_source
 from comol.data.prompts import build_prompt
 from comol.data.toy_math import toy_math_splits
@@ -160,9 +160,13 @@ class SFTDataModule(L.LightningDataModule):
         return layout_for(attn)
 
     def packs(self) -> list[tuple[int, ...]]:
-        """The training packs: the seeded row order cut greedily at ``packing_tokens`` real tokens."""
+        """The training packs of ``packing_tokens`` real tokens, cut from the seeded row order: greedily for the
+        flat layout, bin by bin (``pack_bins``, bins of ``BIN_ROWS`` x max_length tokens) for the bins layout."""
         lengths = [len(f["input_ids"]) for f in self.train_features]
-        return pack_rows(lengths, row_permutation(len(lengths), self.seed), packing_tokens(self.cfg))
+        order = row_permutation(len(lengths), self.seed)
+        if self.layout() == "flat":
+            return pack_rows(lengths, order, packing_tokens(self.cfg))
+        return pack_bins(lengths, order, packing_tokens(self.cfg), BIN_ROWS * int(self.cfg["max_length"]))
 
     def _packed_loader(self) -> DataLoader:
         model = getattr(self.trainer.lightning_module, "model", None) if self.trainer is not None else None

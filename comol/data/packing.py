@@ -1,14 +1,21 @@
 """Padding-free packing: several rows per sequence, each row attending only to itself.
 
-A *pack* is one training micro-batch: consecutive rows of the global order (comol/training/sampler.py)
-taken greedily while their real tokens stay within a token budget (``pack_rows``). ``collate_packed``
-lays a pack out as
+A *pack* is one training micro-batch, cut once per run from the seeded global order
+(comol/training/sampler.py):
+
+* for the flat layout, consecutive rows taken greedily while their real tokens stay within a token
+  budget (``pack_rows``);
+* for the bins layout, budget // width bins, each started with the oldest row not yet taken and topped up
+  with the subset of the next ``FILL_WINDOW`` rows that fills it closest to ``width`` tokens (``pack_bins``):
+  rows move by at most a few positions of the order, and the bins come out almost exactly full.
+
+``collate_packed`` lays a pack out as
 
 * ``layout="flat"``: one sequence [1, N] holding every row back to back, no padding at all (for
   flash-attention / flex-attention, whose kernels skip the blocks between rows), or
-* ``layout="bins"``: rows placed first-fit-decreasing into bins of at most ``width`` tokens (the datamodule
-  gives 2 x ``dataset.max_length``), the bin count chosen for the fewest computed tokens (``balanced_bins``),
-  a tensor [bins, fullest bin] with a short padding tail per bin (for SDPA / eager, whose cost grows with
+* ``layout="bins"``: rows placed into bins of at most ``width`` tokens (the datamodule gives
+  2 x ``dataset.max_length``): cut in pack order where a row would overflow the bin (which recovers
+  ``pack_bins``' bins) or first-fit-decreasing, whichever computes the fewest tokens (``balanced_bins``), a tensor [bins, fullest bin] with a short padding tail per bin (for SDPA / eager, whose cost grows with
   the square of the sequence length, so one long sequence would cost more than the padding it saves).
 
 In both, ``position_ids`` restart at 0 for every row and no ``attention_mask`` is passed: transformers
@@ -76,6 +83,67 @@ def pack_rows(lengths: Sequence[int], order: Sequence[int], budget: int) -> list
     return packs
 
 
+#: rows of the global order ``pack_bins`` looks ahead to fill a bin
+FILL_WINDOW = 16
+
+
+def fill_room(lengths: Sequence[int], room: int) -> list[int]:
+    """Positions of the subset of ``lengths`` with the largest sum <= ``room`` (subset-sum over a bitset of
+    reachable sums); among equal sums, the one that leaves out the latest rows."""
+    full = (1 << (room + 1)) - 1
+    reach = [1]                       # reach[k]: bit s set when some subset of the first k rows sums to s
+    for n in lengths:
+        reach.append((reach[-1] | (reach[-1] << int(n))) & full)
+    total = reach[-1].bit_length() - 1
+    chosen = []
+    for k in range(len(lengths), 0, -1):   # walk back: row k-1 is needed when the first k-1 cannot reach total
+        if not (reach[k - 1] >> total) & 1:
+            chosen.append(k - 1)
+            total -= int(lengths[k - 1])
+    return chosen[::-1]
+
+
+def pack_bins(lengths: Sequence[int], order: Sequence[int], budget: int, width: int,
+              window: int = FILL_WINDOW) -> list[tuple[int, ...]]:
+    """Cut ``order`` into packs of ``budget // width`` bins of at most ``width`` tokens (one bin of ``budget``
+    tokens when the budget is smaller), for the bins layout.
+
+    Each bin starts with the oldest row not yet taken (no row waits longer than the bins before it) and is
+    topped up with the subset of the next ``window - 1`` rows that comes closest to ``width`` (``fill_room``).
+    A pack lists its rows bin by bin, each bin in order, so cutting it where a row would overflow ``width``
+    gives these bins back (or fewer). Deterministic; every row of ``order`` lands in exactly one pack."""
+    per_pack, cap = max(1, budget // width), min(width, budget)
+    queue = [int(i) for i in order]
+    packs: list[tuple[int, ...]] = []
+    while queue:
+        rows: list[int] = []
+        for _ in range(per_pack):
+            if not queue:
+                break
+            first = queue.pop(0)
+            ahead = queue[:window - 1]
+            picked = fill_room([lengths[i] for i in ahead], max(0, cap - int(lengths[first])))
+            rows += [first, *(ahead[k] for k in picked)]
+            for k in reversed(picked):
+                del queue[k]
+        packs.append(tuple(rows))
+    return packs
+
+
+def next_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Positions of ``lengths`` cut in order into bins: a new bin wherever the next row would overflow
+    ``width`` (the fewest bins among cuts that keep the order)."""
+    bins: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if not bins or used + n > width:
+            bins.append([])
+            used = 0
+        bins[-1].append(i)
+        used += n
+    return bins
+
+
 def first_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:
     """Positions of ``lengths`` grouped into bins of at most ``width`` tokens (longest rows first, each
     into the first bin with room; ties keep the given order). Within a bin the rows keep their order."""
@@ -95,8 +163,9 @@ def first_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:
 
 
 def balanced_bins(lengths: Sequence[int], max_width: int) -> list[list[int]]:
-    """Bins for one pack with the fewest computed tokens (bins x fullest bin): first-fit-decreasing into bins
-    of ``max_width`` tokens (or the longest row, if longer) and of max(longest row, ceil(total / k)) tokens for
+    """Bins for one pack with the fewest computed tokens (bins x fullest bin): the pack cut in order at
+    ``max_width`` tokens (``next_fit``: the bins ``pack_bins`` made), and first-fit-decreasing into bins of
+    ``max_width`` tokens (or the longest row, if longer) and of max(longest row, ceil(total / k)) tokens for
     every bin count k those allow; the best wins (ties: more bins, i.e. shorter sequences)."""
     total, longest = sum(lengths), max(lengths)
     cap = max(int(max_width), longest)
@@ -104,8 +173,8 @@ def balanced_bins(lengths: Sequence[int], max_width: int) -> list[list[int]]:
                     reverse=True)
     best: tuple[int, int] | None = None
     best_bins: list[list[int]] = []
-    for width in widths:
-        bins = first_fit_decreasing(lengths, width)
+    candidates = [next_fit(lengths, cap)] + [first_fit_decreasing(lengths, width) for width in widths]
+    for bins in candidates:
         computed = len(bins) * max(sum(lengths[i] for i in b) for b in bins)
         if best is None or (computed, -len(bins)) < best:
             best, best_bins = (computed, -len(bins)), bins

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from hydra.core.hydra_config import HydraConfig
 
 from comol.adapters import build_adapter_config
-from comol.adapters.inject import check_adapter_backbone, read_adapter_config, verify_adapter_weights
+from comol.adapters.inject import VerifiedAdapter, check_adapter_backbone, read_adapter_config, verify_adapter_weights
 from comol.errors import CheckpointError, ConfigError
 from comol.schema import adapter_problems, context_problems, toy_set_problems, validate_group
 from comol.schema_data import TOY_SOURCE
@@ -44,11 +44,13 @@ def eval_backbone(cfg: Mapping[str, Any], adapter_dir: Path, meta: dict, model_g
     return given
 
 
-def check_saved_adapter(cfg: Mapping[str, Any], model_given: bool | None = None) -> tuple[dict, dict, dict]:
-    """``mode=eval``: (adapter_config.json, the backbone to build, the dataset whose held-out rows are scored).
+def check_saved_adapter(cfg: Mapping[str, Any], model_given: bool | None = None) -> tuple[VerifiedAdapter, dict, dict]:
+    """``mode=eval``: (adapter_config.json and the weights' bytes, the backbone to build, the dataset whose
+    held-out rows are scored).
 
     Everything read from the adapter dir is checked as a run config is, against the backbone it will be
-    loaded on, before anything is allocated; the weights against their checksum."""
+    loaded on, before anything is allocated; the weights against their checksum (once: the job loads
+    these bytes, see ``load_adapter(..., verified=)``)."""
     adapter_dir = Path(cfg["adapter_path"])
     meta = read_adapter_config(adapter_dir)
     where = adapter_dir / "adapter_config.json"
@@ -68,5 +70,4 @@ def check_saved_adapter(cfg: Mapping[str, Any], model_given: bool | None = None)
     problems = context_problems(ds, ev, model, check_dataset=False) + toy_set_problems(ev, ds.source)
     if problems:
         raise ConfigError(problems[0])
-    verify_adapter_weights(adapter_dir, meta)
-    return meta, dict(model_cfg), dataset
+    return VerifiedAdapter(meta, verify_adapter_weights(adapter_dir, meta)), dict(model_cfg), dataset

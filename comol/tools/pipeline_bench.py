@@ -29,34 +29,39 @@ import copy
 import json
 import logging
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import lightning as L
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch.utils.data import SequentialSampler
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
+from comol.adapters import inject_adapter
+from comol.config import compose
 from comol.data.datamodule import BIN_ROWS, SFTDataModule, encode_example
 from comol.data.loading import load_rows
-from comol.data.packing import pack_rows, padding_ratio, real_tokens
-from comol.training.sampler import ResumableSampler, row_permutation
+from comol.data.packing import pack_bins, pack_rows, padding_ratio, real_tokens
+from comol.eval.eval_files import require_data_dir
+from comol.models import load_backbone
+from comol.models.lit_module import AdapterLM
+from comol.training.progress import ProgressLog
+from comol.training.sampler import LengthGroupedSampler, ResumableSampler, row_permutation
 
 SPLITS = {"math_14k": "train/math_14k_validation.json", "commonsense_15k": "train/commonsense_15k_validation.json",
           "codealpaca20k": "train/codealpaca20k_validation.json"}
 
 
 def data_file(name: str) -> Path:
-    from comol.eval.eval_files import require_data_dir
-
     return Path(require_data_dir()) / SPLITS[name]
 
 
 def load_model(name: str):
-    from omegaconf import OmegaConf
-
-    from comol.config import compose
-    from comol.models import load_backbone
-
     cfg = OmegaConf.to_container(compose([f"model={name}"]).model, resolve=True)
     return load_backbone(cfg)
 
@@ -71,14 +76,13 @@ def padding_ratios(tokenizer, batch: int, max_length: int, seed: int = 0) -> lis
         lengths = [len(encode_example(r, tokenizer, max_length)["input_ids"]) for r in rows]
         order = row_permutation(len(lengths), seed)
         padded = [order[i:i + batch] for i in range(0, len(order), batch)]
-        from comol.training.sampler import LengthGroupedSampler
-
         grouped_order = list(LengthGroupedSampler(lengths, seed, group=batch * 50))
         grouped = [grouped_order[i:i + batch] for i in range(0, len(grouped_order), batch)]
         packs = pack_rows(lengths, order, batch * max_length)
+        bin_packs = pack_bins(lengths, order, batch * max_length, BIN_ROWS * max_length)
         out.append({"split": name, "rows": len(rows), "mean_tokens": sum(lengths) / len(lengths),
                     "padded": padding_ratio(lengths, padded), "grouped": padding_ratio(lengths, grouped),
-                    "packed_bins": padding_ratio(lengths, packs, layout="bins", width=BIN_ROWS * max_length),
+                    "packed_bins": padding_ratio(lengths, bin_packs, layout="bins", width=BIN_ROWS * max_length),
                     "packed_flat": padding_ratio(lengths, packs, layout="flat")})
     return out
 
@@ -103,16 +107,23 @@ class StepClock:
         self.tokens: list[int] = []
         self._last: float | None = None
         self._pending: int | None = None
+        self._first = True
 
     def new_fit(self) -> None:
-        self._last, self._pending = None, None
+        self._last, self._pending, self._first = None, None, True
 
     def step_start(self, tokens: int) -> None:
         now = time.perf_counter()
         if self._last is not None and self._pending is not None:
-            self.times.append(now - self._last)
-            self.tokens.append(self._pending)
+            if not self._first:    # a fit's first step carries the trainer's and data loader's start-up
+                self.times.append(now - self._last)
+                self.tokens.append(self._pending)
+            self._first = False
         self._last, self._pending = now, tokens
+
+    def count(self, tokens: int) -> None:
+        """Set the real tokens of the step that started last (when they are known only after its start)."""
+        self._pending = tokens
 
     def finish(self) -> None:
         self.step_start(0)   # closes the last step
@@ -126,11 +137,6 @@ class OursVariant:
     """AdapterLM + lightning.Trainer on SFTDataModule (padded, packed or compiled)."""
 
     def __init__(self, label: str, base, tok, rows, adapter: dict, args, packing: bool = False, compile: bool = False):
-        import lightning as L
-
-        from comol.adapters import inject_adapter
-        from comol.models.lit_module import AdapterLM
-
         self.label, self.clock, self.args = label, StepClock(), args
         self.model = copy.deepcopy(base).train()
         cfg = inject_adapter(self.model, adapter)
@@ -148,14 +154,6 @@ class OursVariant:
         self.callback = Clock
 
     def fit(self, steps: int) -> None:
-        import lightning as L
-        from hydra.utils import instantiate
-
-        from comol.config import compose
-        from comol.models.progress import ProgressLog
-
-        from omegaconf import OmegaConf
-
         tcfg = OmegaConf.to_container(compose(["trainer=cpu"]).trainer, resolve=True)
         tcfg.pop("compile", None)
         tcfg.update(max_steps=steps, enable_progress_bar=False, enable_model_summary=False, val_check_interval=None,
@@ -171,8 +169,7 @@ class PeftVariant:
     """PEFT LoRA trained by transformers.Trainer (DataCollatorForSeq2Seq), the same rows in the same order."""
 
     def __init__(self, label: str, base, tok, rows, adapter: dict, args, order: list[int]):
-        import peft
-        from transformers import DataCollatorForSeq2Seq, TrainerCallback
+        import peft   # an optional dependency (the `real` extra): only this variant needs it
 
         self.label, self.clock, self.args = label, StepClock(), args
         lcfg = peft.LoraConfig(r=adapter["r"], lora_alpha=adapter["alpha"], lora_dropout=adapter["dropout"],
@@ -180,38 +177,23 @@ class PeftVariant:
         self.model = peft.get_peft_model(copy.deepcopy(base).train(), lcfg)
         feats = [encode_example(r, tok, args.max_length) for r in rows]
         self.features = [{**feats[i], "attention_mask": [1] * len(feats[i]["input_ids"])} for i in order]
-        seq2seq = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-        clock = self.clock
-
-        def collate(batch):
-            out = seq2seq(batch)
-            out["_real"] = int(out["attention_mask"].sum())
-            return out
-
-        self.collate = collate
-
-        class Clock(TrainerCallback):
-            pass
-
-        self.callback_cls = Clock
-        self._real = 0
+        self.collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
 
     def fit(self, steps: int) -> None:
-        from torch.utils.data import SequentialSampler
-        from transformers import Trainer, TrainerCallback, TrainingArguments
-
         variant = self
 
         class Clock(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                variant.clock.step_start(variant._real)
+                variant.clock.step_start(0)
 
         class OrderedTrainer(Trainer):
             def _get_train_sampler(self, *a, **k):   # the platform's order, given by the row order
                 return SequentialSampler(self.train_dataset)
 
             def training_step(self, model, inputs, *a, **k):
-                variant._real = inputs.pop("_real")
+                # the batch this step trains on: the Trainer's data loader collates one batch ahead, so
+                # neither the collate function nor on_step_begin sees it
+                variant.clock.count(int(inputs["attention_mask"].sum()))
                 return super().training_step(model, inputs, *a, **k)
 
         targs = TrainingArguments(output_dir=self.args.tmp, per_device_train_batch_size=self.args.batch, max_steps=steps,
@@ -225,9 +207,8 @@ class PeftVariant:
         self.clock.finish()
 
 
-def measure_pipeline(args) -> tuple[list[dict], Any]:
-    base, tok = load_model(args.model)
-    rows = load_rows(str(data_file("math_14k")))[:args.rows]
+def build_variants(args, base, tok, rows: list[dict]) -> list[Any]:
+    """The variants ``--adapters`` / ``--compile`` / ``--no-packed`` / ``--no-peft`` name, on copies of ``base``."""
     feats = [encode_example(r, tok, args.max_length) for r in rows]
     order = list(ResumableSampler(feats, 0))   # the padded path's epoch-0 order, for PEFT's sequential sampler
     lora = {"name": "lora", "r": args.r, "alpha": float(args.r), "dropout": 0.1,
@@ -243,6 +224,13 @@ def measure_pipeline(args) -> tuple[list[dict], Any]:
             variants.append(OursVariant(f"{name} compiled", base, tok, rows, adapter, args, compile=True))
     if not args.no_peft:
         variants.append(PeftVariant("peft lora + HF Trainer", base, tok, rows, lora, args, order))
+    return variants
+
+
+def measure_pipeline(args) -> tuple[list[dict], Any]:
+    base, tok = load_model(args.model)
+    rows = load_rows(str(data_file("math_14k")))[:args.rows]
+    variants = build_variants(args, base, tok, rows)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -321,8 +309,6 @@ def add_arguments(p) -> None:
 
 
 def run_pipeline(args) -> int:
-    import tempfile
-
     if args.padding_ratios:
         _, tok = load_model(args.model)
         print(padding_report(padding_ratios(tok, args.batch, args.max_length), args))
