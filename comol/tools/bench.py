@@ -5,6 +5,7 @@
     python -m comol.tools.bench --hidden 1024 --layers 4 --batch 4 --seq 256
     python -m comol.tools.bench --routing             # only: CoMoL step time, routing statistics on vs off
     python -m comol.tools.bench --pipeline            # whole training steps vs PEFT + HF Trainer (pipeline_bench.py)
+    python -m comol.tools.bench --generate --model smollm2_135m   # eval generate loop tokens/s (generation_bench.py)
 
 Step = forward + backward + AdamW step on a random-init Qwen3 built from the given architecture.
 A second table times one adapted Linear alone (forward + backward), where the adapter's own cost is
@@ -35,6 +36,7 @@ from comol.adapters import adapter_context, count_parameters, inject_adapter
 from comol.config import adapter_preset
 from comol.adapters.comol import CoMoLConfig, CoMoLLinear
 from comol.models import load_backbone
+from comol.tools import generation_bench
 from comol.tools.pipeline_bench import add_arguments, run_pipeline
 
 
@@ -351,6 +353,7 @@ def parse_args(argv=None):
     p.add_argument("--routing", action="store_true",
                    help="only the routing-statistics overhead: CoMoL steps with statistics on vs off")
     add_arguments(p)
+    generation_bench.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -360,6 +363,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.pipeline:
         return run_pipeline(args)
+    if args.generate:
+        return generation_bench.run_generation(args)
     if args.routing:
         print(routing_report(measure_routing(args), args))
         return 0
