@@ -21,7 +21,8 @@ from comol.config import compose
 from comol.errors import ConfigError
 from comol.pipeline import run
 from comol.training.checkpointing import RunInterrupted, checkpoint_path
-from comol.training.resume import continue_csv
+from comol.schema import plain_config
+from comol.training.resume import config_differences, continue_csv
 
 # micro backbone, adapter dropout on (RNG must be restored), 3 batches per epoch (epoch boundaries at 3, 6, 9)
 SHORT = ["model.arch.hidden_size=64", "model.arch.num_layers=2", "model.arch.head_dim=16", "model.arch.intermediate_size=128",
@@ -150,7 +151,9 @@ def test_resume_from_a_checkpoint_taken_right_after_a_validation_keeps_every_ste
                            f"paths.output_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert torch.load(checkpoint_path(out), weights_only=True)["global_step"] == 3
-    assert [s for s, _ in losses(csv_rows(out), "val/loss")] == [2]   # the validation before the save
+    # the validation before the save, logged at step 3 like the train/loss of the 4th batch: both measure the
+    # weights after 3 optimizer steps
+    assert [s for s, _ in losses(csv_rows(out), "val/loss")] == [3]
 
     results = run(cfg_for(out, "logger=csv", "resume=true", "checkpoint.every_n_steps=3"))
     assert results["train/steps"] == 12 and results["train/resumed_from_step"] == 3
@@ -202,6 +205,18 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_from_step_0_with_resu
     assert losses(rows) == losses(ref) and losses(rows, "val/loss") == losses(ref, "val/loss")
 
 
+def test_config_differences_name_each_changed_key_once_and_leave_resume_safe_keys_out(tmp_path):
+    """The callbacks node interpolates other keys: a changed optim.lr is named once (not also as
+    callbacks.divergence.lr), and a resume-safe key (checkpoint.every_n_steps) is not refused through it."""
+    def resolved(*overrides):
+        return plain_config(compose([f"paths.output_dir={tmp_path}", *overrides]))
+
+    saved = resolved()
+    assert config_differences(saved, resolved("optim.lr=0.1", "adapter.r=4")) == ["adapter.r", "optim.lr"]
+    safe = ["checkpoint.every_n_steps=7", "progress_interval_s=1", "trainer.enable_progress_bar=false", "logger=csv"]
+    assert config_differences(saved, resolved(*safe)) == []
+
+
 def test_remove_stale_temps_removes_only_those_of_dead_processes(tmp_path):
     from comol.training.checkpointing import remove_stale_temps, temp_path
 
@@ -220,7 +235,7 @@ def test_resume_refuses_other_config_and_allows_resume_safe_keys(tmp_path):
     interrupt_when_checkpointed(out, signal.SIGINT)
     with pytest.raises(RunInterrupted, match="stopped by SIGINT"):
         run(cfg_for(out, "logger=none"))
-    with pytest.raises(ConfigError, match=r"differs from the checkpointed run's in adapter\.alpha, adapter\.r, optim\.lr;"):
+    with pytest.raises(ConfigError, match=r"differs from the checkpointed run's in adapter\.r, optim\.lr;"):
         run(cfg_for(out, "logger=none", "resume=true", "optim.lr=0.1", "adapter.r=4"))
     with pytest.raises(ConfigError, match="already holds a run .*resume=true"):   # no silent restart over it
         run(cfg_for(out, "logger=none"))

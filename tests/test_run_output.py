@@ -31,7 +31,7 @@ def test_progress_line_hand_computed():
 def test_redirected_run_logs_progress_lines_and_no_library_noise(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     env.pop("WANDB_SILENT", None)
-    proc = subprocess.run([sys.executable, "run.py", "trainer=debug", "eval.limit=2", "progress_interval_s=0",
+    proc = subprocess.run([sys.executable, "run.py", "trainer=debug", "eval.limit=2", "progress_interval_s=0.001",
                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

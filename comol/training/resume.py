@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"   # the resolved config a job writes into its run dir when it starts
 
 # Keys (and key prefixes) that may differ between the interrupted run and its resumption.
+#: keys a resumed run may change. ``callbacks`` is made of interpolations of other keys (optim.lr, checkpoint.*,
+#: progress_interval_s, ...), each compared on its own, so a change is reported once, under its own name.
 RESUME_SAFE = ("resume", "paths", "logger", "checkpoint", "divergence", "sweep", "tags", "run_name", "eval",
                "save_adapter", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-               "trainer.log_every_n_steps")
+               "trainer.log_every_n_steps", "progress_interval_s", "callbacks")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
