@@ -113,20 +113,29 @@ def pack_bins(lengths: Sequence[int], order: Sequence[int], budget: int, width: 
     A pack lists its rows bin by bin, each bin in order, so cutting it where a row would overflow ``width``
     gives these bins back (or fewer). Deterministic; every row of ``order`` lands in exactly one pack."""
     per_pack, cap = max(1, budget // width), min(width, budget)
-    queue = [int(i) for i in order]
+    order = [int(i) for i in order]
+    taken = [False] * len(order)          # by position in ``order``: linear time, no list shifting
+    head = 0                              # the oldest position not yet taken
     packs: list[tuple[int, ...]] = []
-    while queue:
+    while head < len(order):
         rows: list[int] = []
         for _ in range(per_pack):
-            if not queue:
+            while head < len(order) and taken[head]:
+                head += 1
+            if head == len(order):
                 break
-            first = queue.pop(0)
-            ahead = queue[:window - 1]
-            picked = fill_room([lengths[i] for i in ahead], max(0, cap - int(lengths[first])))
-            rows += [first, *(ahead[k] for k in picked)]
-            for k in reversed(picked):
-                del queue[k]
-        packs.append(tuple(rows))
+            taken[head] = True
+            ahead, p = [], head + 1
+            while len(ahead) < window - 1 and p < len(order):
+                if not taken[p]:
+                    ahead.append(p)
+                p += 1
+            picked = fill_room([lengths[order[q]] for q in ahead], max(0, cap - int(lengths[order[head]])))
+            rows += [order[head], *(order[ahead[k]] for k in picked)]
+            for k in picked:
+                taken[ahead[k]] = True
+        if rows:
+            packs.append(tuple(rows))
     return packs
 
 
