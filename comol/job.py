@@ -43,6 +43,7 @@ from comol.training.callbacks import build_callbacks, lightning_trainer_node
 from comol.training.checkpointing import checkpoint_path
 from comol.training.distributed import DistributedRun, is_global_zero
 from comol.training.divergence import DivergenceError, DivergenceGuard, nonfinite_tensors
+from comol.training.host_memory import keep_freed_memory
 from comol.training.progress import on_terminal, quiet_libraries
 from comol.training.resume import (continue_csv, load_resume_state, logger_resume_kwargs, previous_run_config,
                                    wants_resume)
@@ -276,6 +277,8 @@ class Job:
         trainer_cfg = lightning_trainer_node(plain_config(cfg.trainer))   # trainer.compile is AdapterLM's
         trainer: L.Trainer = instantiate(trainer_cfg, logger=loggers.loggers or False, default_root_dir=str(out_dir),
                                          callbacks=callbacks + multi.callbacks, enable_progress_bar=bar)
+        if cfg.trainer.get("reuse_host_memory", True) and trainer.strategy.root_device.type == "cpu":
+            keep_freed_memory()   # no page faults on every step (comol/training/host_memory.py)
         start = time.time()
         trainer.fit(lit, datamodule=datamodule, ckpt_path=self.resume_ckpt, weights_only=True)
         train_time = time.time() - start

@@ -170,6 +170,9 @@ class TrainerConfig(Schema):
     enable_model_summary: bool = Key("Lightning's model summary table", default=False)
     deterministic: bool | Literal["warn"] | None = Key("deterministic algorithms", default=False)
     compile: bool = Key("torch.compile the decoder blocks (comol's key, not the Trainer's)", default=False)
+    reuse_host_memory: bool = Key(
+        "a fit on the CPU keeps freed host memory for reuse (glibc mallopt; no page faults on every step; "
+        "comol's key, not the Trainer's)", default=True)
 
     @model_validator(mode="after")
     def _ends_and_known_arguments(self) -> "TrainerConfig":

@@ -184,8 +184,9 @@ def test_trainer_entries_reach_the_lightning_trainer(entry, tmp_path):
         cfg.trainer.accelerator = "cpu"  # CI has no GPU; the rest of the entry must still be valid
         cfg.trainer.precision = "bf16-mixed"
     t = cfg.trainer
-    with open_dict(t):   # trainer.compile is the platform's (AdapterLM), not a Lightning Trainer argument
+    with open_dict(t):   # trainer.compile / reuse_host_memory are the platform's, not Lightning Trainer arguments
         assert t.pop("compile") is False
+        assert t.pop("reuse_host_memory") is True
     if "FSDPStrategy" in str(OmegaConf.select(t, "strategy._target_")):  # Lightning refuses FSDP on a CPU:
         strategy = instantiate(t.strategy)                                # check the strategy object alone
         assert type(strategy).__name__ == "FSDPStrategy"

@@ -37,7 +37,8 @@ from comol.config import adapter_preset
 from comol.adapters.comol import CoMoLConfig, CoMoLLinear
 from comol.models import load_backbone
 from comol.tools import generation_bench
-from comol.tools.pipeline_bench import add_arguments, run_pipeline
+from comol.tools.pipeline_bench import add_arguments, host_memory_note, run_pipeline
+from comol.training.host_memory import keep_freed_memory
 
 
 class NaiveCoMoLLinear(CoMoLLinear):
@@ -180,7 +181,7 @@ def report(rows: list[dict], args) -> str:
     ref = by.get("lora r16", rows[0])
     lines = [f"backbone: {args.family} hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "
              f"mlp={args.mlp or 3 * args.hidden}; batch {args.batch} x {args.seq} tokens; device {args.device}; "
-             f"median of {args.steps} interleaved steps", "",
+             f"median of {args.steps} interleaved steps; {host_memory_note(args)}", "",
              "| variant | trainable | step ms | x LoRA | peak MiB | x LoRA |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['trainable'] / 1e6:.3f}M | {r['step_ms']:.1f} | "
@@ -314,7 +315,8 @@ def measure_routing(args) -> list[dict]:
 
 def routing_report(rows: list[dict], args) -> str:
     lines = [f"routing statistics overhead: {args.family} hidden={args.hidden} layers={args.layers}; batch "
-             f"{args.batch} x {args.seq} tokens; device {args.device}; median of {args.steps} interleaved steps", "",
+             f"{args.batch} x {args.seq} tokens; device {args.device}; median of {args.steps} interleaved steps; "
+             f"{host_memory_note(args)}", "",
              "| variant | routed modules | off ms | on ms | on / off (wall) | off CPU ms | on CPU ms | on / off (CPU) "
              "| in record() ms/step | record / step |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['variant']} | {r['modules']} | {r['off_ms']:.1f} | {r['on_ms']:.1f} | {r['ratio']:.4f} | "
@@ -352,6 +354,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--routing", action="store_true",
                    help="only the routing-statistics overhead: CoMoL steps with statistics on vs off")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's allocator as it is (by default a CPU bench keeps freed host memory for reuse, "
+                        "as a CPU fit does: trainer.reuse_host_memory)")
     add_arguments(p)
     generation_bench.add_arguments(p)
     return p.parse_args(argv)
@@ -361,6 +366,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    cpu = args.pipeline or args.device == "cpu"
+    args.reuse_host_memory = cpu and not args.default_malloc and keep_freed_memory()
     if args.pipeline:
         return run_pipeline(args)
     if args.generate:

@@ -48,6 +48,7 @@ from comol.data.packing import pack_bins, pack_rows, padding_ratio, real_tokens
 from comol.eval.eval_files import require_data_dir
 from comol.models import load_backbone
 from comol.models.lit_module import AdapterLM
+from comol.training.callbacks import lightning_trainer_node
 from comol.training.progress import ProgressLog
 from comol.training.sampler import LengthGroupedSampler, ResumableSampler, row_permutation
 
@@ -152,8 +153,7 @@ class OursVariant:
         self.callback = Clock
 
     def fit(self, steps: int) -> None:
-        tcfg = OmegaConf.to_container(compose(["trainer=cpu"]).trainer, resolve=True)
-        tcfg.pop("compile", None)
+        tcfg = lightning_trainer_node(OmegaConf.to_container(compose(["trainer=cpu"]).trainer, resolve=True))
         tcfg.update(max_steps=steps, enable_progress_bar=False, enable_model_summary=False, val_check_interval=None,
                     limit_val_batches=0, log_every_n_steps=10)
         trainer: L.Trainer = instantiate(tcfg, logger=False, callbacks=[self.callback(), ProgressLog(1e9)],
@@ -258,11 +258,21 @@ def measure_pipeline(args) -> tuple[list[dict], Any]:
     return out, tok
 
 
+def host_memory_note(args) -> str:
+    """How the bench's process allocates host memory (``--default-malloc``; trainer.reuse_host_memory)."""
+    return "host memory kept for reuse" if getattr(args, "reuse_host_memory", False) else "glibc's default allocator"
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+    """Median over rounds of a's rate / b's rate in the same round (the two ran minutes apart at most)."""
+    return statistics.median(x / y for x, y in zip(a["rounds"], b["rounds"]))
+
+
 def pipeline_report(rows: list[dict], args) -> str:
     ref = next((r for r in rows if r["variant"] == "lora padded"), rows[0])
     lines = [f"pipeline: {args.model}, {args.rows} math_14k validation rows, batch {args.batch}, max_length "
              f"{args.max_length}, fp32, {args.rounds} rounds x {args.steps} steps, torch threads "
-             f"{torch.get_num_threads()}",
+             f"{torch.get_num_threads()}, {host_memory_note(args)}",
              f"{'variant':26s} {'real tok/s':>10s} {'x lora padded':>13s} {'step s':>7s} {'real tok/step':>13s}"]
     for r in rows:
         lines.append(f"{r['variant']:26s} {r['tokens_per_s']:10.1f} {r['tokens_per_s'] / ref['tokens_per_s']:13.3f} "
@@ -274,9 +284,10 @@ def pipeline_report(rows: list[dict], args) -> str:
         if name != "lora":
             for mode in ("padded", "packed"):
                 pairs.append((f"lora {mode}", f"{name} {mode}", f"{name} / LoRA time per real token ({mode})"))
+    lines.append("ratios: median over rounds of the ratio within each round")
     for a, b, text in pairs:
         if a in by and b in by:
-            lines.append(f"{text}: {by[a]['tokens_per_s'] / by[b]['tokens_per_s']:.3f}")
+            lines.append(f"{text}: {paired_ratio(by[a], by[b]):.3f}")
     return "\n".join(lines)
 
 

@@ -47,8 +47,9 @@ def build_callbacks(node: Mapping[str, Any] | None, **runtime: Any) -> list[L.Ca
     return out
 
 
-#: keys of the ``trainer`` group that are comol's, not ``lightning.Trainer`` arguments (``compile``: AdapterLM)
-COMOL_TRAINER_KEYS = ("compile",)
+#: keys of the ``trainer`` group that are comol's, not ``lightning.Trainer`` arguments (``compile``: AdapterLM;
+#: ``reuse_host_memory``: the job, comol/training/host_memory.py)
+COMOL_TRAINER_KEYS = ("compile", "reuse_host_memory")
 
 
 def lightning_trainer_node(trainer: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ CONFIG_FILE = "config.yaml"   # the resolved config a job writes into its run di
 #: progress_interval_s, ...), each compared on its own, so a change is reported once, under its own name.
 RESUME_SAFE = ("resume", "paths", "logger", "checkpoint", "divergence", "sweep", "tags", "run_name", "eval",
                "save_adapter", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-               "trainer.log_every_n_steps", "progress_interval_s", "callbacks")
+               "trainer.log_every_n_steps", "trainer.reuse_host_memory", "progress_interval_s", "callbacks")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
