@@ -70,3 +70,34 @@ def test_adapted_block_has_no_graph_breaks(name):
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(block)(x, attention_mask=None, position_embeddings=pos)
     assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+
+
+@pytest.mark.parametrize("name", [pytest.param("lora", marks=pytest.mark.slow), "comol"])
+def test_compiled_blocks_share_one_graph_across_blocks_and_forwards(name):
+    """Every block of the model and every later forward reuse the graphs of the first: nothing in the adapters'
+    hot path is a per-layer or per-forward constant the graph is guarded on (before, AdapterContext.first_call
+    keyed a table by id(layer) and compared forward_id, so each block and forward compiled anew until the
+    recompile limit, after which blocks ran eager)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model, batch = adapted(name)
+    assert len(model.model.layers) >= 2
+    torch._dynamo.reset()
+    counters.clear()
+    lit = AdapterLM(model, {"lr": 1e-2}, compile=True)
+    for _ in range(3):
+        lit(batch).loss.backward()
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= 2, dict(counters["stats"])   # the forward graph (+ at most one variant of it)
+    assert not counters["recompiles"], dict(counters["recompiles"])
+
+
+def test_the_bench_compiles_adapter_layers_in_place():
+    from comol.adapters.base import AdapterLinear
+    from comol.tools.bench import compile_adapter_layers
+
+    model, _ = adapted("comol")
+    layers = [m for m in model.modules() if isinstance(m, AdapterLinear)]
+    assert compile_adapter_layers(model) == len(layers) > 0
+    assert all(m._compiled_call_impl is not None for m in layers)

@@ -58,7 +58,7 @@ class AdapterContext:
         self.forward_id = 0
         self.routing = RoutingStats()
         self._aux: list[torch.Tensor] = []
-        self._seen: dict[int, int] = {}  # id(layer) -> forward_id of its last counted call
+        self._layers: list[nn.Module] = []  # the bound layers: their "ran in this scope" flags are reset per scope
         self._step_hooks: list[Callable[[], None]] = []
         self._handles: list[RemovableHandle] = []
         self._attached: set[int] = set()  # id() of optimizers attached explicitly
@@ -94,8 +94,7 @@ class AdapterContext:
         packed = kwargs.pop(TOKEN_MASK_KWARG, None)
         mask = packed if packed is not None else kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         self.attention_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        self.forward_id += 1
-        self._aux = []
+        self._new_scope()
         if module.training and torch.is_grad_enabled() and self._step_hooks and self._watcher != id(self):
             self._watch_optimizers(module)
         return args, kwargs
@@ -127,8 +126,7 @@ class AdapterContext:
         """Use ``mask`` [B, T] for calls made directly to adapter layers (not through the model)."""
         previous = self.attention_mask
         self.attention_mask = None if mask is None else mask.bool()
-        self.forward_id += 1
-        self._aux = []
+        self._new_scope()
         try:
             yield
         finally:
@@ -150,12 +148,23 @@ class AdapterContext:
             )
         return mask[:, -x.shape[1]:].to(x.device).reshape(-1)
 
+    def _new_scope(self) -> None:
+        """Open a forward scope: no aux losses yet, no layer has run in it (outside any compiled region)."""
+        self.forward_id += 1
+        self._aux = []
+        for layer in self._layers:
+            layer._comol_ran = False
+
     def first_call(self, layer: nn.Module) -> bool:
-        """True the first time ``layer`` runs in this forward scope (False for checkpoint re-runs)."""
-        key = id(layer)
-        if self._seen.get(key) == self.forward_id:
+        """True the first time ``layer`` runs in this forward scope (False for checkpoint re-runs).
+
+        A per-layer flag, reset when a scope opens, rather than a table keyed by ``id(layer)`` or a
+        comparison with ``forward_id``: under torch.compile those are constants the graph is guarded on,
+        so every layer and every forward would compile anew (and fall back to eager at the recompile limit).
+        A flag is the same False in every block: one compiled graph serves them all."""
+        if layer._comol_ran:
             return False
-        self._seen[key] = self.forward_id
+        layer._comol_ran = True
         return True
 
     # -- auxiliary losses -------------------------------------------------------------------
@@ -240,10 +249,12 @@ class ContextBound:
 
     _context: AdapterContext | None = None
     _context_name: str = ""
+    _comol_ran: bool = False   # ran in the current forward scope (AdapterContext.first_call)
 
     def bind_context(self, ctx: AdapterContext, name: str) -> None:
         object.__setattr__(self, "_context", ctx)
         object.__setattr__(self, "_context_name", name)
+        ctx._layers.append(self)
         for handle in getattr(self, "hooks", ()):  # submodule hooks: removed with the context
             ctx.keep(handle)
         self.on_bind(ctx)
@@ -253,6 +264,8 @@ class ContextBound:
 
     @property
     def context(self) -> AdapterContext:
-        if self._context is None:
-            object.__setattr__(self, "_context", AdapterContext())
+        if self._context is None:   # an unbound layer: a private context whose scopes are its own
+            ctx = AdapterContext()
+            ctx._layers.append(self)
+            object.__setattr__(self, "_context", ctx)
         return self._context

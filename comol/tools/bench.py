@@ -4,6 +4,7 @@
     python -m comol.tools.bench --all                 # + every adapter preset in conf/adapter
     python -m comol.tools.bench --hidden 1024 --layers 4 --batch 4 --seq 256
     python -m comol.tools.bench --routing             # only: CoMoL step time, routing statistics on vs off
+    python -m comol.tools.bench --compile             # LoRA / CoMoL eager vs compiled blocks vs compiled adapters
     python -m comol.tools.bench --pipeline            # whole training steps vs PEFT + HF Trainer (pipeline_bench.py)
     python -m comol.tools.bench --generate --model smollm2_135m   # eval generate loop tokens/s (generation_bench.py)
 
@@ -34,8 +35,10 @@ from omegaconf import OmegaConf
 
 from comol.adapters import adapter_context, count_parameters, inject_adapter
 from comol.config import adapter_preset
+from comol.adapters.base import AdapterLinear
 from comol.adapters.comol import CoMoLConfig, CoMoLLinear
 from comol.models import load_backbone
+from comol.models.lit_module import compile_blocks
 from comol.tools import generation_bench
 from comol.tools.pipeline_bench import add_arguments, host_memory_note, run_pipeline
 from comol.training.host_memory import keep_freed_memory
@@ -78,6 +81,30 @@ def default_variants() -> list[Variant]:
         Variant("naive comol r16 N8", _naive(16, 8)),
         Variant("naive comol r16 N64", _naive(16, 64)),
     ]
+
+
+def compile_adapter_layers(model: torch.nn.Module) -> int:
+    """The alternative to ``trainer.compile=true`` measured by ``--compile``: every adapter layer (its frozen
+    Linear and its adapter) compiled in place instead of every decoder block."""
+    layers = [m for m in model.modules() if isinstance(m, AdapterLinear)]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def _compiled(inject: Callable[[torch.nn.Module], None], how: Callable[[torch.nn.Module], int]):
+    return lambda model: (inject(model), how(model))
+
+
+def compile_variants() -> list[Variant]:
+    """LoRA and CoMoL N=8 eager, with compiled decoder blocks (trainer.compile=true) and compiled adapter layers."""
+    out = []
+    for label, values in (("lora r16", {"name": "lora", "r": 16}),
+                          ("comol r16 N8", {"name": "comol", "r": 16, "num_experts": 8})):
+        out += [Variant(label, _adapter(values)),
+                Variant(f"{label} compiled blocks", _compiled(_adapter(values), compile_blocks)),
+                Variant(f"{label} compiled adapters", _compiled(_adapter(values), compile_adapter_layers))]
+    return out
 
 
 def preset_variants() -> list[Variant]:
@@ -374,6 +401,9 @@ def main(argv=None) -> int:
         return generation_bench.run_generation(args)
     if args.routing:
         print(routing_report(measure_routing(args), args))
+        return 0
+    if args.compile:   # whole steps only: the compiled units are decoder blocks / adapter layers of a model
+        print(report(measure(args, compile_variants()), args))
         return 0
     variants = default_variants() + (preset_variants() if args.all else [])
     if not args.skip_model:

@@ -316,7 +316,9 @@ def add_arguments(p) -> None:
     g.add_argument("--adapters", default="lora,comol", help="comma list: lora first (the reference)")
     g.add_argument("--r", type=int, default=16)
     g.add_argument("--experts", type=int, default=8)
-    g.add_argument("--compile", action="store_true", help="add the trainer.compile=true variants")
+    g.add_argument("--compile", action="store_true",
+                   help="with --pipeline: add the trainer.compile=true variants; without: LoRA and CoMoL eager vs "
+                        "compiled decoder blocks vs compiled adapter layers")
     g.add_argument("--no-packed", action="store_true")
     g.add_argument("--no-peft", action="store_true")
     g.add_argument("--padding-ratios", action="store_true", help="only: computed/real tokens of the bundled splits")
