@@ -23,6 +23,16 @@ def test_ours_and_peft_count_the_same_real_tokens_for_the_same_batches(tmp_path)
     assert len(ours.clock.tokens) == len(peft.clock.tokens) == 3    # steps 2-4 timed (the first: start-up)
     assert ours.clock.tokens == peft.clock.tokens and min(ours.clock.tokens) > 0
     assert len(set(ours.clock.tokens)) > 1                          # different batches: the check can tell
+    assert len(ours.clock.faults) == len(ours.clock.times) and min(ours.clock.faults) >= 0
+
+
+def test_paired_ratio_is_the_median_of_the_ratios_within_rounds():
+    from comol.tools.pipeline_bench import paired_ratio
+
+    # round 2 ran on a slow machine for both: the within-round ratios are 2, 2, 4 -> 2 (medians alone: 5/2.5 = 2)
+    a, b = {"rounds": [4.0, 2.0, 8.0]}, {"rounds": [2.0, 1.0, 2.0]}
+    assert paired_ratio(a, b) == 2.0
+    assert paired_ratio({"rounds": [3.0, 1.0, 1.0]}, {"rounds": [1.0, 1.0, 1.0]}) == 1.0   # median, not mean (5/3)
 
 
 def test_pipeline_bench_prints_the_ratios_and_saves_rates_the_estimate_reads(tmp_path, capsys):
@@ -31,6 +41,7 @@ def test_pipeline_bench_prints_the_ratios_and_saves_rates_the_estimate_reads(tmp
     out = capsys.readouterr().out
     for variant in ("lora padded", "lora packed", "comol padded", "comol packed", "peft lora + HF Trainer"):
         assert variant in out
+    assert "page faults/step" in out and "median over rounds of the ratio within each round" in out
     assert "our LoRA / PEFT+Trainer tokens/s:" in out and "comol / LoRA time per real token (packed):" in out
     rates = load_rates(str(saved))
     assert set(rates) >= {"lora", "comol", "lora/packed", "comol/packed", "peft_lora"}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import resource
 import statistics
 import tempfile
 import time
@@ -104,6 +105,8 @@ class StepClock:
     def __init__(self) -> None:
         self.times: list[float] = []
         self.tokens: list[int] = []
+        self.faults: list[int] = []   # minor page faults of the process per step (host memory faulted in again)
+        self._faults_at = 0
         self._last: float | None = None
         self._pending: int | None = None
         self._first = True
@@ -112,13 +115,14 @@ class StepClock:
         self._last, self._pending, self._first = None, None, True
 
     def step_start(self, tokens: int) -> None:
-        now = time.perf_counter()
+        now, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         if self._last is not None and self._pending is not None:
             if not self._first:    # a fit's first step carries the trainer's and data loader's start-up
                 self.times.append(now - self._last)
                 self.tokens.append(self._pending)
+                self.faults.append(faults - self._faults_at)
             self._first = False
-        self._last, self._pending = now, tokens
+        self._last, self._pending, self._faults_at = now, tokens, faults
 
     def count(self, tokens: int) -> None:
         """Set the real tokens of the step that started last (when they are known only after its start)."""
@@ -254,7 +258,8 @@ def measure_pipeline(args) -> tuple[list[dict], Any]:
         step_times = v.clock.times
         out.append({"variant": v.label, "tokens_per_s": statistics.median(rates), "rounds": rates,
                     "step_s": statistics.median(step_times) if step_times else float("nan"),
-                    "tokens_per_step": statistics.median(v.clock.tokens) if v.clock.tokens else 0})
+                    "tokens_per_step": statistics.median(v.clock.tokens) if v.clock.tokens else 0,
+                    "faults_per_step": statistics.median(v.clock.faults) if v.clock.faults else 0})
     return out, tok
 
 
@@ -273,10 +278,11 @@ def pipeline_report(rows: list[dict], args) -> str:
     lines = [f"pipeline: {args.model}, {args.rows} math_14k validation rows, batch {args.batch}, max_length "
              f"{args.max_length}, fp32, {args.rounds} rounds x {args.steps} steps, torch threads "
              f"{torch.get_num_threads()}, {host_memory_note(args)}",
-             f"{'variant':26s} {'real tok/s':>10s} {'x lora padded':>13s} {'step s':>7s} {'real tok/step':>13s}"]
+             f"{'variant':26s} {'real tok/s':>10s} {'x lora padded':>13s} {'step s':>7s} {'real tok/step':>13s} "
+             f"{'page faults/step':>16s}"]
     for r in rows:
         lines.append(f"{r['variant']:26s} {r['tokens_per_s']:10.1f} {r['tokens_per_s'] / ref['tokens_per_s']:13.3f} "
-                     f"{r['step_s']:7.3f} {r['tokens_per_step']:13.0f}")
+                     f"{r['step_s']:7.3f} {r['tokens_per_step']:13.0f} {r['faults_per_step']:16.0f}")
     by = {r["variant"]: r for r in rows}
     pairs = [("lora padded", "peft lora + HF Trainer", "our LoRA / PEFT+Trainer tokens/s"),
              ("lora packed", "lora padded", "packed / padded LoRA tokens/s")]
