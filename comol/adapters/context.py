@@ -152,8 +152,12 @@ class AdapterContext:
         """Open a forward scope: no aux losses yet, no layer has run in it (outside any compiled region)."""
         self.forward_id += 1
         self._aux = []
-        for layer in self._layers:
-            layer._comol_ran = False
+        for layer in self._layers:   # outside any compiled region: skip nn.Module.__setattr__'s checks
+            object.__setattr__(layer, "_comol_ran", False)
+
+    def track(self, layer: nn.Module) -> None:
+        """Reset ``layer``'s "ran in this scope" flag whenever a forward scope opens (``first_call``)."""
+        self._layers.append(layer)
 
     def first_call(self, layer: nn.Module) -> bool:
         """True the first time ``layer`` runs in this forward scope (False for checkpoint re-runs).
@@ -254,7 +258,7 @@ class ContextBound:
     def bind_context(self, ctx: AdapterContext, name: str) -> None:
         object.__setattr__(self, "_context", ctx)
         object.__setattr__(self, "_context_name", name)
-        ctx._layers.append(self)
+        ctx.track(self)
         for handle in getattr(self, "hooks", ()):  # submodule hooks: removed with the context
             ctx.keep(handle)
         self.on_bind(ctx)
@@ -266,6 +270,6 @@ class ContextBound:
     def context(self) -> AdapterContext:
         if self._context is None:   # an unbound layer: a private context whose scopes are its own
             ctx = AdapterContext()
-            ctx._layers.append(self)
+            ctx.track(self)
             object.__setattr__(self, "_context", ctx)
         return self._context
